@@ -1,0 +1,145 @@
+"""The DeepSpeed backend: ZeRO 0-3 with optional optimizer / parameter offload through
+`deepspeed.initialize`. The DeepSpeed config is generated from the recipe (one source of truth); a
+user JSON may add fields, and its `"auto"` values are filled from the recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
+from .dims import ParallelDims
+
+
+class DeepSpeedConfigError(ValueError):
+    """A user DeepSpeed JSON that contradicts the recipe."""
+
+
+def generate_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config that the recipe implies."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if settings.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    optimizer_params: dict[str, Any] = {
+        "lr": settings.lr, "betas": list(settings.betas), "eps": settings.eps,
+        "weight_decay": settings.weight_decay,
+    }
+    if not on_gpu and not settings.offload_optimizer:
+        # On CPU, torch's AdamW (no JIT build); offload uses DeepSpeedCPUAdam regardless.
+        optimizer_params["torch_adam"] = True
+    return {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "train_batch_size": settings.micro_batch_size * settings.grad_accum * dp,
+        "gradient_clipping": settings.grad_clip,
+        "bf16": {"enabled": settings.bf16},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def merge_user_config(generated: dict[str, Any], user: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Add the user's fields; "auto" takes the recipe's value; a conflicting value is an error."""
+    merged = dict(generated)
+    for key, value in user.items():
+        name = f"{where}{key}"
+        if value == "auto":
+            if key not in generated:
+                raise DeepSpeedConfigError(f"deepspeed config: {name} is \"auto\" but the recipe does "
+                                           "not determine it")
+            continue
+        if key not in generated:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(generated[key], dict):
+            merged[key] = merge_user_config(generated[key], value, f"{name}.")
+        elif value != generated[key]:
+            raise DeepSpeedConfigError(f"deepspeed config: {name} = {value!r} contradicts the recipe's "
+                                       f"{generated[key]!r}; set it in the recipe or write \"auto\"")
+    return merged
+
+
+def load_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> dict[str, Any]:
+    config = generate_deepspeed_config(settings, dp, on_gpu)
+    if settings.deepspeed_config:
+        try:
+            user = json.loads(Path(settings.deepspeed_config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DeepSpeedConfigError(f"parallel.deepspeed.config {settings.deepspeed_config}: {exc}") from None
+        config = merge_user_config(config, user)
+    return config
+
+
+@register_backend("deepspeed")
+class DeepSpeedBackend(TrainingBackend):
+    def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device,
+                 build_model: ModelFactory) -> None:
+        super().__init__(settings, dims, device)
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        import deepspeed
+
+        from .parallelize import parallelize
+
+        self.config = load_deepspeed_config(settings, dims.dp, device.type == "cuda")
+        model = parallelize(build_model(device), dims, data_parallel="none")
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_multiplier),
+        )
+        self._grad_norm = 0.0
+
+    @property
+    def loss_multiplier(self) -> float:
+        # DeepSpeed divides the loss by the accumulation steps and averages gradients over dp.
+        return float(self.dims.dp * self.settings.grad_accum)
+
+    def train_mode(self) -> None:
+        self.engine.train()
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.engine(**inputs, use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self.engine.backward(loss)
+        if last_micro_batch:
+            # The norm is known only after DeepSpeed's reduction, inside step() at the boundary.
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            self._grad_norm = float(norm) if norm is not None else float("nan")
+        else:
+            self.engine.step()
+
+    def step(self) -> float:
+        return self._grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters()) if self.settings.zero_stage == 3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            rank0 = not dist.is_initialized() or dist.get_rank() == 0
+            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank0 else None
+        return sd

@@ -1,0 +1,94 @@
+"""Parallel dimensions: the process group, the device, and a self-validating degree object."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+MESH_ORDER = ("pp", "dp", "sp_ring", "sp_ulysses", "tp")
+"""Outer → inner: the fastest links go to the chattiest dimension (DESIGN.md)."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of one run; their product is the world size."""
+
+    world_size: int
+    dp: int = 1
+    pp: int = 1
+    sp_ring: int = 1
+    sp_ulysses: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        degrees = {name: getattr(self, name) for name in MESH_ORDER}
+        product = 1
+        for value in degrees.values():
+            product *= value
+        if product != self.world_size:
+            named = " × ".join(f"{k} {v}" for k, v in degrees.items())
+            raise ValueError(f"{named} = {product} processes, but the world size is {self.world_size}")
+
+    @property
+    def sp(self) -> int:
+        return self.sp_ring * self.sp_ulysses
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def coordinate(self, rank: int, name: str) -> int:
+        """This rank's index along one mesh dimension (row-major in MESH_ORDER)."""
+        inner = 1
+        for dim in reversed(MESH_ORDER):
+            if dim == name:
+                return (rank // inner) % getattr(self, name)
+            inner *= getattr(self, dim)
+        raise ValueError(f"unknown mesh dimension {name!r}; valid: {', '.join(MESH_ORDER)}")
+
+
+def launched_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (torchrun, accelerate, deepspeed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("LOCAL_PROCESS_RANK", "0")))
+    return rank, local, world
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(timeout_s: float = 600.0) -> None:
+    """gloo on CPU, NCCL for CUDA tensors (gloo kept for CPU-side collectives)."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (float64, so token counts stay exact)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()

@@ -1,0 +1,77 @@
+"""`parallelize()`: every parallel technique applied to a model, in one fixed order.
+
+The order (DESIGN.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
+recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
+Each step lives in its own module and returns early when the recipe leaves it off; this version
+applies the data-parallel step — the earlier steps arrive with their work items and the recipe
+refuses them until then (`Recipe._cross_field_checks`).
+
+FSDP2 shards a model built on the meta device: the weights are materialized on each rank's device
+after sharding and filled from rank 0's full copy (`materialize_sharded`), so no rank but the
+first ever holds the full weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from .dims import ParallelDims
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF causal LM (`model.model.layers` in every supported family)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers: not a supported decoder family")
+    return list(layers)
+
+
+def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
+    kwargs: dict = {}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        # Pinned host memory needs an accelerator; on a CPU-only machine the policy runs unpinned.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: torch.device) -> None:
+    """Give a meta-built, sharded model real storage and rank 0's weights and buffers.
+
+    `full_model` is the fully initialized model on rank 0 and None elsewhere. Non-persistent buffers
+    (RoPE `inv_freq`) are not in the state dict, so they are broadcast separately.
+    """
+    model.to_empty(device=device)
+    rank = dist.get_rank()
+    full_sd = full_model.state_dict() if rank == 0 else {}
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True,
+                                                                   broadcast_from_rank0=True))
+    source_buffers = dict(full_model.named_buffers()) if rank == 0 else {}
+    for name, buf in model.named_buffers():
+        if rank == 0:
+            buf.copy_(source_buffers[name])
+        dist.broadcast(buf, src=0)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
+                offload: bool = False, device: torch.device | None = None) -> nn.Module:
+    """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none."""
+    # 1-4. pipeline split, tensor parallel, sequence-parallel attention, recompute/offload: not yet.
+    # 5. data-parallel wrapping.
+    if data_parallel == "fsdp":
+        return apply_fsdp(model, bf16=bf16, offload=offload)
+    if data_parallel == "ddp" and dims.dp > 1:
+        device_ids = [device.index] if device is not None and device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    return model

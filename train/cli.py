@@ -1,0 +1,174 @@
+"""The `longtune` command: `train`, `prep`, `eval`, `plan`, `parity`, each a thin layer over the library.
+
+`longtune train RECIPE [key.sub=value ...]` validates everything it can before heavy work and, when
+the recipe asks for several processes and no launcher started this one, re-launches itself under
+torchrun. `python -m longtune.train RECIPE` is the per-rank entry that torchrun, `accelerate launch`
+and `deepspeed --module` run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+NOT_YET = {
+    "prep": "building packed corpora",
+    "eval": "long-context evaluation (passkey, needle, perplexity vs length)",
+    "plan": "the parallel-layout planner",
+    "parity": "the sequence-parallel parity check",
+}
+
+
+def _fail(message: str) -> int:
+    print(f"longtune: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from longtune.parallel.deepspeed_backend import DeepSpeedConfigError
+
+    from .data import DataError
+    from .extension import ExtensionError
+    from .model import ModelSourceError
+    from .recipe import RecipeError
+
+    return (RecipeError, ModelSourceError, DataError, ExtensionError, DeepSpeedConfigError)
+
+
+def preflight(recipe) -> None:
+    """Cheap checks of everything the recipe points at, before any process starts."""
+    from .data import DataError
+    from .model import resolve_model_source
+    from .recipe import RecipeError
+
+    resolve_model_source(recipe.model.name_or_path)
+    if recipe.data.path is not None and not Path(recipe.data.path).is_dir():
+        raise DataError(f"data.path {recipe.data.path!r} is not a directory (expected the output of "
+                        "`longtune prep`)")
+    ds_config = recipe.parallel.deepspeed.config
+    if recipe.parallel.backend == "deepspeed" and ds_config and not Path(ds_config).is_file():
+        raise RecipeError(f"parallel.deepspeed.config {ds_config!r} does not exist")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "longtune.train", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"longtune: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe)
+    except _user_errors() as exc:
+        return _fail(str(exc))
+    nproc = recipe.process_count()
+    if "WORLD_SIZE" not in os.environ and nproc > 1:
+        return relaunch_under_torchrun(nproc, [args.recipe, *args.overrides])
+    return worker_main([args.recipe, *args.overrides], exit_hard=False)
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local-rank N`, which the deepspeed launcher appends."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
+    """Entry of one rank (`python -m longtune.train RECIPE [overrides]`)."""
+    argv = _strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m longtune.train RECIPE [section.key=value ...]", file=sys.stderr)
+        return EXIT_USAGE if not argv else 0
+    rank = int(os.environ.get("RANK", "0"))
+    _configure_logging(rank)
+    from .loop import run_training
+    from .recipe import load_recipe
+
+    try:
+        recipe = load_recipe(argv[0], argv[1:])
+        preflight(recipe)
+        run_training(recipe)
+        code = 0
+    except _user_errors() as exc:
+        code = _fail(str(exc))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and exit_hard:
+        # gloo + DDP can abort at interpreter exit after a successful run ("terminate called
+        # without an active exception"); leave without running the C++ destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    return _fail(f"`longtune {args.command}` ({NOT_YET[args.command]}) is not available yet in this version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtune", description="Long-sequence fine-tuning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a recipe (a path or a shipped recipe name)")
+    train.add_argument("recipe", help="recipe YAML path or shipped name (e.g. tiny-smoke)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    train.set_defaults(func=cmd_train)
+    for name, what in NOT_YET.items():
+        p = sub.add_parser(name, help=f"{what} (not available yet)")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_not_yet)
+    recipes = sub.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipe import RECIPES_DIR, shipped_recipes
+
+    for name in shipped_recipes():
+        print(f"{name:28s} {RECIPES_DIR / (name + '.yaml')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Training data: a packed corpus (DESIGN.md "Packed corpus") or the embedded default, read in a
+seeded order that depends only on (seed, step), never on the number of ranks.
+
+A row becomes model inputs here: labels are shifted on the full row (a label never crosses a
+document boundary), position ids restart at every boundary, and short rows are right-padded with
+ignored labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from longtune.data_prep.embedded import embedded_documents
+from longtune.data_prep.packing import pack_concatenated
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A corpus that cannot be used for this recipe."""
+
+
+def embedded_corpus(tokenizer, seq_len: int) -> datasets.Dataset:
+    """The embedded documents, tokenized with BOS/EOS and packed into full rows of `seq_len`."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encoded = tokenizer(list(embedded_documents()), add_special_tokens=False)["input_ids"]
+    rows = list(pack_concatenated((bos + ids + eos for ids in encoded), seq_len))
+    if not rows:
+        raise DataError(f"the embedded corpus is shorter than one row of {seq_len} tokens")
+    return datasets.Dataset.from_list(rows)
+
+
+def load_corpus(path: str | None, tokenizer, seq_len: int) -> datasets.Dataset:
+    if path is None:
+        return embedded_corpus(tokenizer, seq_len)
+    corpus_dir = Path(path)
+    if not corpus_dir.is_dir():
+        raise DataError(f"data.path {path!r} is not a directory (expected the output of `longtune prep`)")
+    try:
+        ds = datasets.load_from_disk(str(corpus_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"data.path {path!r} is not a saved dataset: {exc}") from None
+    missing = {"input_ids", "doc_lens"} - set(ds.column_names)
+    if missing:
+        raise DataError(f"data.path {path!r} lacks column(s) {', '.join(sorted(missing))}")
+    longest = max(len(ids) for ids in ds["input_ids"]) if len(ds) else 0
+    if longest > seq_len:
+        raise DataError(f"data.path {path!r} has rows of {longest} tokens, longer than train.seq_len {seq_len}")
+    return ds
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def counted_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device) -> MicroBatch:
+        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device))
+
+
+def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: bool,
+                   loss_mask: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, position_ids) for one packed row; labels are already shifted."""
+    labels = list(input_ids[1:]) + [IGNORE_INDEX]
+    positions: list[int] = []
+    if document_masking:
+        end = 0
+        for n in doc_lens:
+            end += n
+            labels[end - 1] = IGNORE_INDEX  # the last token of a piece predicts nothing
+            positions.extend(range(n))
+    else:
+        positions = list(range(len(input_ids)))
+    if loss_mask is not None:
+        # loss_mask marks the tokens that count as targets.
+        labels = [lab if i + 1 < len(loss_mask) and loss_mask[i + 1] else IGNORE_INDEX
+                  for i, lab in enumerate(labels)]
+    return list(input_ids), labels, positions
+
+
+def collate(rows: list[dict], pad_id: int, document_masking: bool) -> MicroBatch:
+    examples = [row_to_example(r["input_ids"], r["doc_lens"], document_masking, r.get("loss_mask"))
+                for r in rows]
+    width = max(len(ids) for ids, _, _ in examples)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos_t = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labels, positions) in enumerate(examples):
+        n = len(ids)
+        ids_t[i, :n] = torch.tensor(ids)
+        lab_t[i, :n] = torch.tensor(labels)
+        pos_t[i, :n] = torch.tensor(positions)
+        # Padding continues as one more "document" so it never joins a real one.
+        pos_t[i, n:] = torch.arange(width - n)
+    return MicroBatch(ids_t, lab_t, pos_t)
+
+
+class StepBatches:
+    """The micro-batches of one optimizer step for one data-parallel rank.
+
+    Step `s` takes rows `[s·G, (s+1)·G)` of an endless stream that is a fresh seeded permutation
+    of the corpus every epoch; dp rank `r` takes the `r`-th contiguous slice of `G / dp` rows and
+    splits it into micro-batches. The union over ranks is the same for every dp degree.
+    """
+
+    def __init__(self, corpus: datasets.Dataset, *, seed: int, global_batch: int, micro_batch: int,
+                 dp: int, dp_rank: int, pad_id: int, document_masking: bool) -> None:
+        if len(corpus) == 0:
+            raise DataError("the corpus has no rows")
+        self.corpus, self.seed = corpus, seed
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.dp, self.dp_rank = dp, dp_rank
+        self.pad_id, self.document_masking = pad_id, document_masking
+        self._perms: dict[int, list[int]] = {}
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    def _row_index(self, stream_pos: int) -> int:
+        epoch, offset = divmod(stream_pos, len(self.corpus))
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.corpus), generator=gen).tolist()}
+        return self._perms[epoch][offset]
+
+    def for_step(self, step: int) -> list[MicroBatch]:
+        per_rank = self.global_batch // self.dp
+        start = step * self.global_batch + self.dp_rank * per_rank
+        indices = [self._row_index(start + i) for i in range(per_rank)]
+        batches = []
+        for m in range(0, per_rank, self.micro_batch):
+            rows = [self.corpus[j] for j in indices[m:m + self.micro_batch]]
+            batches.append(collate(rows, self.pad_id, self.document_masking))
+        return batches

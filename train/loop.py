@@ -1,0 +1,148 @@
+"""One training run: build everything from the recipe, train, checkpoint, export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from longtune.parallel.backend import BackendSettings, create_backend
+from longtune.parallel.dims import (
+    ParallelDims,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    device_for,
+    init_process_group,
+    launched_world,
+)
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import StepBatches, load_corpus
+from .export import export_hf_model
+from .extension import apply_extension, plan_extension
+from .loss import token_loss_sum
+from .metrics import RunLogger, peak_memory_gib
+from .model import build_config, build_model, resolve_model_source
+from .recipe import Recipe
+from .schedule import LRSchedule
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("longtune")
+
+
+def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
+    tr, par, mem = recipe.train, recipe.parallel, recipe.memory
+    return BackendSettings(
+        lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps, weight_decay=tr.weight_decay, grad_clip=tr.grad_clip,
+        lr_multiplier=LRSchedule(tr.max_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio),
+        grad_accum=grad_accum, micro_batch_size=tr.micro_batch_size,
+        bf16=recipe.model.dtype == "bfloat16", fsdp=par.fsdp, zero_stage=par.deepspeed.zero_stage,
+        offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
+        deepspeed_config=par.deepspeed.config,
+    )
+
+
+def run_training(recipe: Recipe) -> Path:
+    """Train as one rank of the launched world; returns the run dir."""
+    rank, local_rank, world = launched_world()
+    dp = recipe.data_parallel_size(world)  # validates the world size before any heavy work
+    if world > 1:
+        init_process_group()
+    dims = ParallelDims(world, dp=dp)
+    device = device_for(local_rank)
+    tr = recipe.train
+    run_dir = Path(tr.output_dir)
+    torch.manual_seed(tr.seed)
+
+    source = resolve_model_source(recipe.model.name_or_path)
+    trust = recipe.model.trust_remote_code
+    tokenizer = load_tokenizer(recipe.model.tokenizer, source.model_dir, trust)
+    config = build_config(source, len(tokenizer), recipe.model.config_overrides, trust)
+    ext = recipe.extension
+    if ext.method != "none":
+        plan = plan_extension(config, ext.method, ext.target_length, ext.original_length, ext.factor,
+                              ext.rope_theta, ext.options)
+        apply_extension(config, plan)
+    if tr.seq_len > config.max_position_embeddings:
+        log.warning("train.seq_len %d exceeds max_position_embeddings %d: direct extrapolation",
+                    tr.seq_len, config.max_position_embeddings)
+
+    corpus = load_corpus(recipe.data.path, tokenizer, tr.seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = StepBatches(corpus, seed=tr.seed, global_batch=tr.global_batch_size,
+                          micro_batch=tr.micro_batch_size, dp=dp, dp_rank=dims.coordinate(rank, "dp"),
+                          pad_id=pad_id, document_masking=recipe.data.document_masking)
+
+    def build(device_or_meta):
+        return build_model(source, config, device=device_or_meta,
+                           attn_implementation=recipe.model.attn_implementation, seed=tr.seed,
+                           trust_remote_code=trust)
+
+    backend = create_backend(recipe.parallel.backend, backend_settings(recipe, batches.grad_accum), dims,
+                             device, build)
+
+    start_step, tokens_seen = 0, 0
+    found = latest_checkpoint(run_dir) if tr.resume else None
+    if found is not None:
+        state = load_checkpoint(found[1], backend)
+        if state.get("world_size") != world and recipe.parallel.backend == "deepspeed":
+            raise RuntimeError(f"checkpoint {found[1]} was written by {state.get('world_size')} processes; "
+                               f"DeepSpeed resumes only with the same number (now {world})")
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    barrier()
+
+    logger = RunLogger(run_dir, enabled=rank == 0, total_steps=tr.max_steps, start_step=start_step,
+                       progress=tr.progress, wandb_mode=tr.wandb.mode, wandb_project=tr.wandb.project,
+                       wandb_name=tr.wandb.name, config=recipe.model_dump(mode="json"))
+    if found is not None:
+        logger.message(f"resumed from {found[1]} at step {start_step}")
+    logger.message(f"world {world} (dp {dp}), backend {recipe.parallel.backend}, device {device.type}, "
+                   f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
+                   f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
+
+    backend.train_mode()
+    for step in range(start_step, tr.max_steps):
+        started = time.perf_counter()
+        micro = [mb.to(device) for mb in batches.for_step(step)]
+        local_tokens = sum(int((mb.position_ids >= 0).sum()) for mb in micro)
+        count, = all_reduce_sum([sum(mb.counted_tokens for mb in micro)], device)
+        lr = backend.lr
+        local_loss = 0.0
+        for i, mb in enumerate(micro):
+            logits = backend.forward(input_ids=mb.input_ids, position_ids=mb.position_ids)
+            loss_sum = token_loss_sum(logits, mb.labels)
+            backend.backward(loss_sum * (backend.loss_multiplier / max(count, 1.0)),
+                             last_micro_batch=i == len(micro) - 1)
+            local_loss += loss_sum.item()
+        grad_norm = backend.step()
+        loss_total, tokens = all_reduce_sum([local_loss, float(local_tokens)], device)
+        elapsed = time.perf_counter() - started
+        tokens_seen += int(tokens)
+        logger.log_step({
+            "step": step + 1, "loss": loss_total / max(count, 1.0), "lr": lr, "grad_norm": grad_norm,
+            "tokens": int(tokens), "tokens_seen": tokens_seen, "tokens_per_s": tokens / elapsed,
+            "peak_mem_gib": all_reduce_max(peak_memory_gib(device), device), "step_time_s": elapsed,
+        })
+        done = step + 1
+        if done == tr.max_steps or (tr.save_every and done % tr.save_every == 0):
+            save_checkpoint(run_dir, done, backend,
+                            {"tokens_seen": tokens_seen, "data_position": done * tr.global_batch_size,
+                             "world_size": world, "backend": recipe.parallel.backend},
+                            keep=tr.keep_checkpoints)
+
+    if tr.export:
+        state_dict = backend.full_state_dict()
+        if rank == 0:
+            out = export_hf_model(state_dict, config, tokenizer, run_dir / "model")
+            logger.message(f"exported {out}")
+        barrier()
+    logger.close()
+    return run_dir

@@ -1,0 +1,19 @@
+"""The loss: exactly the token mean over all ranks and micro-batches of a step.
+
+Each micro-batch contributes `sum of its token losses`; the step's divisor is the number of
+counted tokens over every rank and micro-batch, all-reduced once before the forward passes. So
+padding, masking and the split over ranks never change the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over the counted tokens (labels are already shifted), in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,98 @@
+"""Building the model: a local HF causal-LM dir of a supported family, or a tiny flavour built from
+a config with a seeded random init. Always `use_cache=False` for training (packed inputs need it)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+_TINY_COMMON: dict[str, Any] = dict(
+    hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+TINY_FLAVOURS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(model_type="llama", **_TINY_COMMON),
+    "tiny-mistral": dict(model_type="mistral", sliding_window=None, **_TINY_COMMON),
+    "tiny-qwen2": dict(model_type="qwen2", **_TINY_COMMON),
+    "tiny-qwen3": dict(model_type="qwen3", head_dim=32, **_TINY_COMMON),
+}
+"""Tiny flavours: 2 layers, hidden 128, 4 query / 2 KV heads; the vocabulary is the tokenizer's."""
+
+
+class ModelSourceError(ValueError):
+    """The model named in the recipe cannot be found or used."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name_or_path: str
+    is_tiny: bool
+
+    @property
+    def model_dir(self) -> str | None:
+        return None if self.is_tiny else self.name_or_path
+
+
+def resolve_model_source(name_or_path: str) -> ModelSource:
+    """Check the recipe's model before any heavy work."""
+    if name_or_path in TINY_FLAVOURS:
+        return ModelSource(name_or_path, is_tiny=True)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ModelSourceError(f"model.name_or_path {name_or_path!r} is neither a local model dir nor a "
+                               f"tiny flavour ({', '.join(TINY_FLAVOURS)}); longtune does not download")
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"model dir {name_or_path!r} has no config.json")
+    return ModelSource(str(path), is_tiny=False)
+
+
+def build_config(source: ModelSource, vocab_size: int, overrides: dict[str, Any],
+                 trust_remote_code: bool = False) -> PretrainedConfig:
+    if source.is_tiny:
+        fields = dict(TINY_FLAVOURS[source.name_or_path], vocab_size=vocab_size)
+        model_type = fields.pop("model_type")
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+        if config.model_type not in SUPPORTED_FAMILIES:
+            log.warning("model_type %r is not one of the tested families (%s)", config.model_type,
+                        ", ".join(SUPPORTED_FAMILIES))
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ModelSourceError(f"model.config_overrides: {config.model_type} config has no field {key!r}")
+        setattr(config, key, value)
+    config.use_cache = False
+    return config
+
+
+def build_model(source: ModelSource, config: PretrainedConfig, *, device: str | torch.device,
+                attn_implementation: str, seed: int, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model in fp32 on `device`; `device="meta"` gives the structure only (weights come later).
+
+    The config is deep-copied: transformers mutates it when it sets the attention implementation.
+    """
+    config = copy.deepcopy(config)
+    kwargs = dict(attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                  dtype=torch.float32)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+    if source.is_tiny:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        return model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, config=config, **kwargs)
+    return model.to(device)

@@ -1,0 +1,314 @@
+"""The recipe: a YAML file validated into typed objects, with dotted command-line overrides.
+
+Every key has a type and a description; unknown keys are errors that name the valid ones, and the
+checks that involve several fields live in `Recipe._cross_field_checks` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import longtune.train as _train_pkg
+
+RECIPES_DIR = Path(_train_pkg.__file__).resolve().parent.parent / "recipes"
+"""Shipped recipes: `recipes/` of the checkout, or `longtune/recipes` of an installed package."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field("tiny-llama", description="A local HF causal-LM dir, or a tiny flavour: "
+                              "tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype. bfloat16 keeps fp32 master weights (autocast / FSDP2 "
+        "mixed precision / DeepSpeed bf16).")
+    attn_implementation: str = Field("sdpa", description="transformers attention implementation.")
+    tokenizer: str | None = Field(None, description="Tokenizer dir or tokenizer.json; default: the "
+                                  "model dir's own, or the embedded tokenizer for tiny flavours.")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields set on the HF "
+                                             "config before the model is built (e.g. num_hidden_layers).")
+    trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model dir.")
+
+
+class ExtensionSection(_Section):
+    method: Literal["none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf"] = Field(
+        "none", description="How positions are interpolated to reach target_length.")
+    target_length: int | None = Field(None, gt=0, description="Context length after extension.")
+    original_length: int | None = Field(None, gt=0, description="Pre-trained context length; default: "
+                                        "the model config's max_position_embeddings.")
+    factor: float | None = Field(None, gt=0, description="Scale factor; default target/original.")
+    rope_theta: float | None = Field(None, gt=0, description="New RoPE base for `abf`.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific rope parameters "
+                                    "(e.g. beta_fast, low_freq_factor, short_factor).")
+
+
+class DataSection(_Section):
+    path: str | None = Field(None, description="A packed corpus dir from `longtune prep`; null: the "
+                             "embedded default corpus (Python's own documentation text).")
+    document_masking: bool = Field(True, description="Positions restart and attention stops at "
+                                   "document boundaries.")
+
+
+class SequenceParallelSection(_Section):
+    ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all) degree.")
+    ring: int = Field(1, ge=1, description="Ring attention degree.")
+    ring_impl: Literal["ring", "zigzag"] = Field("zigzag", description="Ring layout.")
+
+
+class DeepSpeedSection(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    config: str | None = Field(None, description="A DeepSpeed JSON whose fields are added to the "
+                               "generated config; \"auto\" values are filled from the recipe.")
+
+
+class ParallelSection(_Section):
+    backend: Literal["native", "deepspeed"] = Field("native", description="native: DDP or FSDP2; "
+                                                    "deepspeed: ZeRO via deepspeed.initialize.")
+    dp: int | None = Field(None, ge=1, description="Data-parallel degree; null: the world size divided "
+                           "by the other degrees.")
+    fsdp: bool = Field(False, description="native backend: shard with FSDP2 instead of DDP.")
+    sp: SequenceParallelSection = Field(default_factory=SequenceParallelSection)
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one replica of the model: pp × sp × tp."""
+        return self.pp * self.sp.ring * self.sp.ulysses * self.tp
+
+
+class OffloadSection(_Section):
+    checkpoints: bool = Field(False, description="Move checkpointed activations to host memory.")
+    optimizer: bool = Field(False, description="Optimizer state on the host (ZeRO offload_optimizer; "
+                            "FSDP2 CPUOffloadPolicy).")
+    params: bool = Field(False, description="Parameters on the host (ZeRO-3 offload_param; FSDP2 "
+                         "CPUOffloadPolicy).")
+
+
+class MemorySection(_Section):
+    recompute: Literal["none", "full", "selective"] = Field("none", description="Activation "
+                                                             "recomputation.")
+    tiled_loss: bool = Field(False, description="Logits and loss in sequence chunks.")
+    tiled_mlp: bool = Field(False, description="MLP in sequence chunks.")
+    offload: OffloadSection = Field(default_factory=OffloadSection)
+
+
+class WandbSection(_Section):
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="wandb mode.")
+    project: str = Field("longtune", description="wandb project.")
+    name: str | None = Field(None, description="wandb run name; default: the output dir's name.")
+
+
+class TrainSection(_Section):
+    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Shape after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    global_batch_size: int = Field(8, gt=0, description="Rows per optimizer step over all ranks.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per forward pass per data-parallel rank.")
+    seed: int = Field(0, ge=0, description="Seeds model init, data order and RNG.")
+    output_dir: str = Field("runs/example", description="Run dir: recipe.yaml, metrics.jsonl, "
+                            "checkpoints/, model/.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    resume: bool = Field(True, description="Continue from the newest complete checkpoint in "
+                         "output_dir when there is one.")
+    export: bool = Field(True, description="Write an HF model dir (safetensors) to output_dir/model.")
+    progress: bool = Field(True, description="Show a progress bar on rank 0.")
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+
+class LaunchSection(_Section):
+    nproc_per_node: int | None = Field(None, ge=1, description="Processes `longtune train` starts; "
+                                       "null: dp × pp × sp × tp.")
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    extension: ExtensionSection = Field(default_factory=ExtensionSection)
+    data: DataSection = Field(default_factory=DataSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> Recipe:
+        par, mem, ext, tr = self.parallel, self.memory, self.extension, self.train
+        # Capabilities that later work items add are refused here, by name, rather than ignored.
+        not_yet = {
+            "parallel.sp.ulysses": par.sp.ulysses > 1, "parallel.sp.ring": par.sp.ring > 1,
+            "parallel.tp": par.tp > 1, "parallel.pp": par.pp > 1,
+            "memory.recompute": mem.recompute != "none", "memory.tiled_loss": mem.tiled_loss,
+            "memory.tiled_mlp": mem.tiled_mlp, "memory.offload.checkpoints": mem.offload.checkpoints,
+        }
+        missing = [k for k, on in not_yet.items() if on]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: not available yet in this version of longtune")
+        if par.backend == "native":
+            if (mem.offload.optimizer or mem.offload.params) and not par.fsdp:
+                raise ValueError("memory.offload.optimizer/params with parallel.backend=native need "
+                                 "parallel.fsdp=true (FSDP2 CPUOffloadPolicy)")
+        else:
+            if par.fsdp:
+                raise ValueError("parallel.fsdp=true is for parallel.backend=native; with deepspeed "
+                                 "use parallel.deepspeed.zero_stage")
+            if mem.offload.params and par.deepspeed.zero_stage != 3:
+                raise ValueError("memory.offload.params needs parallel.deepspeed.zero_stage=3, got "
+                                 f"{par.deepspeed.zero_stage}")
+            if mem.offload.optimizer and par.deepspeed.zero_stage == 0:
+                raise ValueError("memory.offload.optimizer needs parallel.deepspeed.zero_stage >= 1")
+        if ext.method != "none" and ext.target_length is None and ext.factor is None:
+            raise ValueError(f"extension.method={ext.method} needs extension.target_length or "
+                             "extension.factor")
+        if ext.method == "abf" and ext.rope_theta is None:
+            raise ValueError("extension.method=abf needs extension.rope_theta (the new base)")
+        if ext.method == "none" and (ext.target_length or ext.factor or ext.rope_theta):
+            raise ValueError("extension.target_length/factor/rope_theta are set but extension.method is "
+                             "none")
+        if par.dp is not None:
+            per_step = par.dp * tr.micro_batch_size
+            if tr.global_batch_size % per_step:
+                raise ValueError(f"train.global_batch_size {tr.global_batch_size} is not divisible by "
+                                 f"parallel.dp × train.micro_batch_size (= {par.dp} × "
+                                 f"{tr.micro_batch_size} = {per_step})")
+            nproc = self.launch.nproc_per_node
+            if nproc is not None and nproc % (par.dp * par.model_parallel_size):
+                raise ValueError(f"launch.nproc_per_node {nproc} is not a multiple of dp × pp × sp × tp "
+                                 f"(= {par.dp * par.model_parallel_size})")
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The dp degree for `world_size` processes; raises RecipeError naming the numbers."""
+        mp = self.parallel.model_parallel_size
+        if world_size % mp:
+            raise RecipeError(f"world size {world_size} is not divisible by pp × sp × tp (= {mp})")
+        dp = world_size // mp
+        if self.parallel.dp is not None and self.parallel.dp != dp:
+            raise RecipeError(f"world size {world_size} does not match parallel.dp {self.parallel.dp} × "
+                              f"pp × sp × tp {mp} (= {self.parallel.dp * mp} processes)")
+        per_step = dp * self.train.micro_batch_size
+        if self.train.global_batch_size % per_step:
+            raise RecipeError(f"train.global_batch_size {self.train.global_batch_size} is not divisible "
+                              f"by dp × train.micro_batch_size (= {dp} × {self.train.micro_batch_size}) "
+                              f"for world size {world_size}")
+        return dp
+
+    def process_count(self) -> int:
+        """Processes a self-launched `longtune train` starts."""
+        if self.launch.nproc_per_node is not None:
+            return self.launch.nproc_per_node
+        return (self.parallel.dp or 1) * self.parallel.model_parallel_size
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with longtune (`longtune train NAME`)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if path.suffix not in (".yaml", ".yml") or not path.parent.parts:
+        if shipped.is_file():
+            return shipped
+    raise RecipeError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe "
+                      f"(shipped: {', '.join(shipped_recipes())})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` → (['train', 'max_steps'], 10); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes one RecipeError."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"recipe {path}: cannot read it as YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections, got "
+                          f"{type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], valid, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown key {where!r}{suggestion}; valid keys here: {', '.join(valid)}"
+    if err["type"] == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    return f"{where}: {err['msg']} (got {got!r})"
+
+
+def _valid_keys(section_path: list[str]) -> list[str]:
+    cls: type[BaseModel] = Recipe
+    for name in section_path:
+        ann = cls.model_fields[name].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)

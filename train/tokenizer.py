@@ -1,0 +1,52 @@
+"""Tokenizers: the model dir's own, a user-given one, or the embedded byte-level BPE that the tiny
+flavours use, trained in under a second on the embedded corpus (no download)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EMBEDDED_VOCAB_SIZE = 2048
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+@functools.lru_cache(maxsize=4)
+def _embedded_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from longtune.data_prep.embedded import embedded_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(embedded_documents(), trainer)
+    return tok.to_str()
+
+
+def embedded_tokenizer(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the embedded corpus; deterministic for a given Python version."""
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_str(_embedded_tokenizer_json(vocab_size))
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(source: str | None, model_dir: str | None, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    """`source` (a dir or tokenizer.json) if given, else the model dir's tokenizer, else the embedded one."""
+    if source is not None:
+        path = Path(source)
+        if path.is_file() and path.suffix == ".json":
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if model_dir is not None:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return embedded_tokenizer()
