@@ -70,6 +70,20 @@ def save_checkpoint(output_dir: Path, step: int, backend, trainer_state: dict[st
     return final
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that this run cannot continue from."""
+
+
+def check_resumable(path: Path, layout: dict[str, Any]) -> None:
+    """Refuse, with the differences named, a checkpoint written under another layout."""
+    written = json.loads((path / STATE_FILE).read_text()).get("layout", {})
+    diff = {k: (written.get(k), v) for k, v in layout.items() if written.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {old} → {new}" for k, (old, new) in diff.items())
+        raise ResumeError(f"cannot resume from {path}: it was written with another layout ({what}); "
+                          "use a new train.output_dir or train.resume=false")
+
+
 def load_checkpoint(path: Path, backend) -> dict[str, Any]:
     backend.load_checkpoint(path)
     rng_file = path / f"rng_rank{_rank():05d}.pt"

@@ -34,17 +34,20 @@ def _fail(message: str) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from longtune.parallel.deepspeed_backend import DeepSpeedConfigError
 
+    from .checkpoint import ResumeError
     from .data import DataError
     from .extension import ExtensionError
     from .model import ModelSourceError
     from .recipe import RecipeError
 
-    return (RecipeError, ModelSourceError, DataError, ExtensionError, DeepSpeedConfigError)
+    return (RecipeError, ModelSourceError, DataError, ExtensionError, DeepSpeedConfigError, ResumeError)
 
 
 def preflight(recipe) -> None:
     """Cheap checks of everything the recipe points at, before any process starts."""
+    from .checkpoint import check_resumable, latest_checkpoint
     from .data import DataError
+    from .loop import checkpoint_layout
     from .model import resolve_model_source
     from .recipe import RecipeError
 
@@ -55,6 +58,10 @@ def preflight(recipe) -> None:
     ds_config = recipe.parallel.deepspeed.config
     if recipe.parallel.backend == "deepspeed" and ds_config and not Path(ds_config).is_file():
         raise RecipeError(f"parallel.deepspeed.config {ds_config!r} does not exist")
+    found = latest_checkpoint(Path(recipe.train.output_dir)) if recipe.train.resume else None
+    if found is not None:
+        world = int(os.environ.get("WORLD_SIZE", recipe.process_count()))
+        check_resumable(found[1], checkpoint_layout(recipe, world))
 
 
 def _free_port() -> int:
@@ -116,6 +123,7 @@ def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
         print("usage: python -m longtune.train RECIPE [section.key=value ...]", file=sys.stderr)
         return EXIT_USAGE if not argv else 0
     rank = int(os.environ.get("RANK", "0"))
+    _quiet_cpu_environment()
     _configure_logging(rank)
     from .loop import run_training
     from .recipe import load_recipe
@@ -165,7 +173,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_cpu_environment() -> None:
+    """Pin DeepSpeed's accelerator to the CPU on machines without CUDA (it warns when it guesses)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_cpu_environment()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -19,7 +19,7 @@ from longtune.parallel.dims import (
     launched_world,
 )
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import StepBatches, load_corpus
 from .export import export_hf_model
 from .extension import apply_extension, plan_extension
@@ -43,6 +43,15 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
         offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
         deepspeed_config=par.deepspeed.config,
     )
+
+
+def checkpoint_layout(recipe: Recipe, world: int) -> dict:
+    """What a checkpoint's format depends on. DCP (native) reshards to any world size; DeepSpeed
+    ZeRO checkpoints need the same stage and world size."""
+    par = recipe.parallel
+    if par.backend == "native":
+        return {"backend": "native"}
+    return {"backend": "deepspeed", "zero_stage": par.deepspeed.zero_stage, "world_size": world}
 
 
 def run_training(recipe: Recipe) -> Path:
@@ -85,12 +94,11 @@ def run_training(recipe: Recipe) -> Path:
                              device, build)
 
     start_step, tokens_seen = 0, 0
+    layout = checkpoint_layout(recipe, world)
     found = latest_checkpoint(run_dir) if tr.resume else None
     if found is not None:
+        check_resumable(found[1], layout)
         state = load_checkpoint(found[1], backend)
-        if state.get("world_size") != world and recipe.parallel.backend == "deepspeed":
-            raise RuntimeError(f"checkpoint {found[1]} was written by {state.get('world_size')} processes; "
-                               f"DeepSpeed resumes only with the same number (now {world})")
         start_step, tokens_seen = state["step"], state["tokens_seen"]
 
     if rank == 0:
@@ -135,7 +143,7 @@ def run_training(recipe: Recipe) -> Path:
         if done == tr.max_steps or (tr.save_every and done % tr.save_every == 0):
             save_checkpoint(run_dir, done, backend,
                             {"tokens_seen": tokens_seen, "data_position": done * tr.global_batch_size,
-                             "world_size": world, "backend": recipe.parallel.backend},
+                             "layout": layout},
                             keep=tr.keep_checkpoints)
 
     if tr.export:
