@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,15 @@ from torch.distributed.tensor import DTensor
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
 from .dims import ParallelDims
 from .parallelize import materialize_sharded, parallelize
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns that it assumes one process when no process group exists; here that is the intent."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 @register_backend("native")
@@ -85,7 +95,8 @@ class NativeBackend(TrainingBackend):
 
     def save_checkpoint(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
+        with _single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
         if not dist.is_initialized() or dist.get_rank() == 0:
             sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
             (path / "scheduler.json").write_text(json.dumps(sched))
@@ -93,7 +104,8 @@ class NativeBackend(TrainingBackend):
     def load_checkpoint(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        with _single_process_dcp():
+            dcp.load(state, checkpoint_id=str(path / "state"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         sched = json.loads((path / "scheduler.json").read_text())

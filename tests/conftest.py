@@ -1,0 +1,78 @@
+"""Shared helpers: run longtune as a user would (subprocesses with a timeout) and read run dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+#: Every multi-process run is bounded: a hang fails the test instead of stalling CI.
+RUN_TIMEOUT_S = 300
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = RUN_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def longtune(*args: str, check: bool = True, timeout: float = RUN_TIMEOUT_S, **env: str
+             ) -> subprocess.CompletedProcess:
+    return run([str(BIN / "longtune"), *args], check=check, timeout=timeout, env=subprocess_env(**env))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+def assert_close_curves(got: list[float], want: list[float], rel: float) -> None:
+    assert len(got) == len(want), (got, want)
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs {w} (rel {abs(g - w) / abs(w):.2e} > {rel})"
+
+
+#: The common short run of the parity tests: tiny-smoke, 5 steps, fp32, no progress bar.
+PARITY_ARGS = ("tiny-smoke", "train.max_steps=5", "train.progress=false", "train.export=false")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Path:
+    """The single-process run every parallel run is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    longtune("train", *PARITY_ARGS, f"train.output_dir={out}")
+    return out
