@@ -67,7 +67,7 @@ def assert_close_curves(got: list[float], want: list[float], rel: float) -> None
 
 
 #: The common short run of the parity tests: tiny-smoke, 5 steps, fp32, no progress bar.
-PARITY_ARGS = ("tiny-smoke", "train.max_steps=5", "train.progress=false", "train.export=false")
+PARITY_ARGS = ("tiny-smoke", "train.max_steps=5", "train.progress=false")
 
 
 @pytest.fixture(scope="session")

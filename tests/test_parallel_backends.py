@@ -25,18 +25,19 @@ def test_two_processes_match_one(layout, reference_run, tmp_path):
     assert "world 2 (dp 2)" in proc.stderr
     assert_close_curves(losses(tmp_path), losses(reference_run), rel=1e-4)
     assert [m["tokens"] for m in metrics(tmp_path)] == [m["tokens"] for m in metrics(reference_run)]
+    if layout in ("fsdp2", "zero3-offload"):
+        _assert_same_export(tmp_path / "model", reference_run / "model")
 
 
-def test_zero3_export_gathers_full_weights(reference_run, tmp_path):
+def _assert_same_export(got_dir, want_dir):
+    """Sharded runs export the full trained weights. Adam turns summation-order noise in the tiny
+    gradients of rare embedding rows into differences of a few % of one LR step, hence atol 1e-4
+    (unsharded values are ~1e-2; a missing gather would be off by that much)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    longtune("train", *PARITY_ARGS[:2], "train.progress=false", "train.max_steps=2", *LAYOUTS["zero3-offload"],
-             f"train.output_dir={tmp_path / 'z3'}")
-    longtune("train", *PARITY_ARGS[:2], "train.progress=false", "train.max_steps=2",
-             f"train.output_dir={tmp_path / 'one'}")
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "model").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    got = AutoModelForCausalLM.from_pretrained(got_dir).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(want_dir).state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)

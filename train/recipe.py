@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -312,3 +312,25 @@ def _valid_keys(section_path: list[str]) -> list[str]:
             return []
         cls = ann
     return list(cls.model_fields)
+
+
+def recipe_reference_markdown() -> str:
+    """The key reference in docs/recipes.md, generated from the schema (a test keeps them equal)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            if get_origin(ann) is Literal:
+                kind = " \\| ".join(str(a) for a in get_args(ann))
+            else:
+                kind = (getattr(ann, "__name__", None) or str(ann).replace("typing.", "")).replace("|", "\\|")
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{name}` | {kind} | `{shown}` | {field.description or ''} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines) + "\n"
