@@ -19,6 +19,8 @@ from .dims import ParallelDims
 class DeepSpeedConfigError(ValueError):
     """A user DeepSpeed JSON that contradicts the recipe."""
 
+    user_facing = True  # the CLI prints it as one error line, without a traceback
+
 
 def generate_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config that the recipe implies."""

@@ -67,11 +67,19 @@ def device_for(local_rank: int) -> torch.device:
 
 
 def init_process_group(timeout_s: float = 600.0) -> None:
-    """gloo on CPU, NCCL for CUDA tensors (gloo kept for CPU-side collectives)."""
+    """gloo on CPU, NCCL for CUDA tensors (gloo kept for CPU-side collectives).
+
+    Without a launcher this makes a one-process group (FSDP2 needs one even on a single device).
+    """
     if dist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def barrier() -> None:

@@ -38,14 +38,14 @@ class NativeBackend(TrainingBackend):
     def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device,
                  build_model: ModelFactory) -> None:
         super().__init__(settings, dims, device)
-        shard = settings.fsdp and dims.is_distributed
-        if settings.fsdp and dims.is_distributed:
+        shard = settings.fsdp
+        if shard:
             # Build on meta, shard, then fill from rank 0's copy: only rank 0 ever holds it all.
+            offload = settings.offload_params or settings.offload_optimizer
             self.model = build_model("meta")
             full = build_model("cpu") if dist.get_rank() == 0 else None
-            parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16,
-                        offload=settings.offload_params or settings.offload_optimizer)
-            materialize_sharded(self.model, full, device)
+            parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16, offload=offload)
+            materialize_sharded(self.model, full, device, offload=offload)
             del full
         else:
             self.model = parallelize(build_model(device), dims, data_parallel="ddp", device=device)

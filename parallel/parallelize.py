@@ -46,22 +46,30 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> nn.Module:
     return model
 
 
-def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: torch.device) -> None:
+def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: torch.device, *,
+                        offload: bool = False) -> None:
     """Give a meta-built, sharded model real storage and rank 0's weights and buffers.
 
-    `full_model` is the fully initialized model on rank 0 and None elsewhere. Non-persistent buffers
-    (RoPE `inv_freq`) are not in the state dict, so they are broadcast separately.
+    `full_model` is the fully initialized model on rank 0 and None elsewhere. With CPU offload the
+    parameter shards live in host memory (FSDP2 moves them per use) while buffers go to `device`.
+    Non-persistent buffers (RoPE `inv_freq`) are not in the state dict, so they are broadcast.
     """
-    model.to_empty(device=device)
+    model.to_empty(device=torch.device("cpu") if offload else device)
     rank = dist.get_rank()
     full_sd = full_model.state_dict() if rank == 0 else {}
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True,
                                                                    broadcast_from_rank0=True))
     source_buffers = dict(full_model.named_buffers()) if rank == 0 else {}
-    for name, buf in model.named_buffers():
-        if rank == 0:
-            buf.copy_(source_buffers[name])
-        dist.broadcast(buf, src=0)
+    for module_name, module in model.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None:
+                continue
+            buf = buf.to(device)
+            full_name = f"{module_name}.{name}" if module_name else name
+            if rank == 0:
+                buf.copy_(source_buffers[full_name])
+            dist.broadcast(buf, src=0)
+            module._buffers[name] = buf
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,

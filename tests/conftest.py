@@ -62,7 +62,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def assert_close_curves(got: list[float], want: list[float], rel: float) -> None:
     assert len(got) == len(want), (got, want)
-    for step, (g, w) in enumerate(zip(got, want), start=1):
+    for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         assert abs(g - w) <= rel * abs(w), f"step {step}: {g} vs {w} (rel {abs(g - w) / abs(w):.2e} > {rel})"
 
 

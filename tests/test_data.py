@@ -50,7 +50,7 @@ def test_collate_pads_with_ignored_labels():
                     pad_id=0, document_masking=True)
     assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch.labels.tolist() == [[6, 7, IGNORE_INDEX], [IGNORE_INDEX] * 3]
-    assert batch.counted_tokens == 2
+    assert batch.counted_tokens == 2 and batch.real_tokens == 4
 
 
 def test_step_batches_are_the_same_rows_for_every_dp_degree():

@@ -38,7 +38,7 @@ def test_tiny_flavours_build_and_run(flavour, tokenizer):
     assert config.model_type == TINY_FLAVOURS[flavour]["model_type"] and config.use_cache is False
     model = build_model(source, config, device="cpu", attn_implementation="sdpa", seed=0)
     again = build_model(source, config, device="cpu", attn_implementation="sdpa", seed=0)
-    for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+    for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(a, b), f"seeded init differs at {name}"
     ids = torch.randint(3, len(tokenizer), (2, 16))
     logits = model(input_ids=ids).logits
@@ -65,7 +65,7 @@ def test_hf_dir_source(tmp_path, tokenizer):
     assert not dir_source.is_tiny
     loaded = build_model(dir_source, build_config(dir_source, len(tokenizer), {}), device="cpu",
                          attn_implementation="sdpa", seed=99)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

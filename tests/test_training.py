@@ -77,7 +77,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for ma, mb in zip(a[3:], b[3:]):
+    for ma, mb in zip(a[3:], b[3:], strict=True):
         assert (ma["loss"], ma["lr"], ma["grad_norm"]) == (mb["loss"], mb["lr"], mb["grad_norm"])
 
 

@@ -70,8 +70,19 @@ def save_checkpoint(output_dir: Path, step: int, backend, trainer_state: dict[st
     return final
 
 
+def checkpoint_layout(recipe, world: int) -> dict:
+    """What a checkpoint's format depends on. DCP (native) reshards to any world size; DeepSpeed
+    ZeRO checkpoints need the same stage and world size."""
+    par = recipe.parallel
+    if par.backend == "native":
+        return {"backend": "native"}
+    return {"backend": "deepspeed", "zero_stage": par.deepspeed.zero_stage, "world_size": world}
+
+
 class ResumeError(RuntimeError):
     """A checkpoint that this run cannot continue from."""
+
+    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def check_resumable(path: Path, layout: dict[str, Any]) -> None:

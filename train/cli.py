@@ -31,30 +31,16 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from longtune.parallel.deepspeed_backend import DeepSpeedConfigError
-
-    from .checkpoint import ResumeError
-    from .data import DataError
-    from .extension import ExtensionError
-    from .model import ModelSourceError
-    from .recipe import RecipeError
-
-    return (RecipeError, ModelSourceError, DataError, ExtensionError, DeepSpeedConfigError, ResumeError)
-
-
 def preflight(recipe) -> None:
     """Cheap checks of everything the recipe points at, before any process starts."""
-    from .checkpoint import check_resumable, latest_checkpoint
-    from .data import DataError
-    from .loop import checkpoint_layout
+    from .checkpoint import check_resumable, checkpoint_layout, latest_checkpoint
     from .model import resolve_model_source
     from .recipe import RecipeError
 
     resolve_model_source(recipe.model.name_or_path)
     if recipe.data.path is not None and not Path(recipe.data.path).is_dir():
-        raise DataError(f"data.path {recipe.data.path!r} is not a directory (expected the output of "
-                        "`longtune prep`)")
+        raise RecipeError(f"data.path {recipe.data.path!r} is not a directory (expected the output of "
+                          "`longtune prep`)")
     ds_config = recipe.parallel.deepspeed.config
     if recipe.parallel.backend == "deepspeed" and ds_config and not Path(ds_config).is_file():
         raise RecipeError(f"parallel.deepspeed.config {ds_config!r} does not exist")
@@ -93,7 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         preflight(recipe)
-    except _user_errors() as exc:
+    except Exception as exc:
+        if not getattr(exc, "user_facing", False):
+            raise
         return _fail(str(exc))
     nproc = recipe.process_count()
     if "WORLD_SIZE" not in os.environ and nproc > 1:
@@ -133,7 +121,9 @@ def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
         preflight(recipe)
         run_training(recipe)
         code = 0
-    except _user_errors() as exc:
+    except Exception as exc:
+        if not getattr(exc, "user_facing", False):
+            raise
         code = _fail(str(exc))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and exit_hard:

@@ -26,6 +26,8 @@ IGNORE_INDEX = -100
 class DataError(ValueError):
     """A corpus that cannot be used for this recipe."""
 
+    user_facing = True  # the CLI prints it as one error line, without a traceback
+
 
 def embedded_corpus(tokenizer, seq_len: int) -> datasets.Dataset:
     """The embedded documents, tokenized with BOS/EOS and packed into full rows of `seq_len`."""
@@ -51,10 +53,20 @@ def load_corpus(path: str | None, tokenizer, seq_len: int) -> datasets.Dataset:
     missing = {"input_ids", "doc_lens"} - set(ds.column_names)
     if missing:
         raise DataError(f"data.path {path!r} lacks column(s) {', '.join(sorted(missing))}")
-    longest = max(len(ids) for ids in ds["input_ids"]) if len(ds) else 0
+    longest = _longest_row(ds)
     if longest > seq_len:
         raise DataError(f"data.path {path!r} has rows of {longest} tokens, longer than train.seq_len {seq_len}")
     return ds
+
+
+def _longest_row(ds: datasets.Dataset) -> int:
+    """Longest `input_ids` row, computed on the Arrow column without materializing Python lists."""
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        return 0
+    column = ds.data.column("input_ids")
+    return int(pc.max(pc.list_value_length(column)).as_py())
 
 
 @dataclass
@@ -62,13 +74,16 @@ class MicroBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
+    real_tokens: int
+    """Input tokens that are not padding."""
 
     @property
     def counted_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device))
+        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
+                          self.real_tokens)
 
 
 def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: bool,
@@ -105,7 +120,7 @@ def collate(rows: list[dict], pad_id: int, document_masking: bool) -> MicroBatch
         pos_t[i, :n] = torch.tensor(positions)
         # Padding continues as one more "document" so it never joins a real one.
         pos_t[i, n:] = torch.arange(width - n)
-    return MicroBatch(ids_t, lab_t, pos_t)
+    return MicroBatch(ids_t, lab_t, pos_t, sum(len(ids) for ids, _, _ in examples))
 
 
 class StepBatches:

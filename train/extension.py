@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 class ExtensionError(ValueError):
     """Extension settings that cannot be applied to this model."""
 
+    user_facing = True  # the CLI prints it as one error line, without a traceback
+
 
 @dataclass(frozen=True)
 class ExtensionPlan:

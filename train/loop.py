@@ -19,7 +19,13 @@ from longtune.parallel.dims import (
     launched_world,
 )
 
-from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_resumable,
+    checkpoint_layout,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import StepBatches, load_corpus
 from .export import export_hf_model
 from .extension import apply_extension, plan_extension
@@ -45,20 +51,11 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
     )
 
 
-def checkpoint_layout(recipe: Recipe, world: int) -> dict:
-    """What a checkpoint's format depends on. DCP (native) reshards to any world size; DeepSpeed
-    ZeRO checkpoints need the same stage and world size."""
-    par = recipe.parallel
-    if par.backend == "native":
-        return {"backend": "native"}
-    return {"backend": "deepspeed", "zero_stage": par.deepspeed.zero_stage, "world_size": world}
-
-
 def run_training(recipe: Recipe) -> Path:
     """Train as one rank of the launched world; returns the run dir."""
     rank, local_rank, world = launched_world()
     dp = recipe.data_parallel_size(world)  # validates the world size before any heavy work
-    if world > 1:
+    if world > 1 or (recipe.parallel.backend == "native" and recipe.parallel.fsdp):
         init_process_group()
     dims = ParallelDims(world, dp=dp)
     device = device_for(local_rank)
@@ -117,10 +114,11 @@ def run_training(recipe: Recipe) -> Path:
                    f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
 
     backend.train_mode()
+    last = None
     for step in range(start_step, tr.max_steps):
         started = time.perf_counter()
         micro = [mb.to(device) for mb in batches.for_step(step)]
-        local_tokens = sum(int((mb.position_ids >= 0).sum()) for mb in micro)
+        local_tokens = sum(mb.real_tokens for mb in micro)
         count, = all_reduce_sum([sum(mb.counted_tokens for mb in micro)], device)
         lr = backend.lr
         local_loss = 0.0
@@ -134,11 +132,15 @@ def run_training(recipe: Recipe) -> Path:
         loss_total, tokens = all_reduce_sum([local_loss, float(local_tokens)], device)
         elapsed = time.perf_counter() - started
         tokens_seen += int(tokens)
-        logger.log_step({
+        if count == 0:
+            log.warning("step %d has no counted tokens (every label is ignored): loss 0, no update",
+                        step + 1)
+        last = {
             "step": step + 1, "loss": loss_total / max(count, 1.0), "lr": lr, "grad_norm": grad_norm,
             "tokens": int(tokens), "tokens_seen": tokens_seen, "tokens_per_s": tokens / elapsed,
             "peak_mem_gib": all_reduce_max(peak_memory_gib(device), device), "step_time_s": elapsed,
-        })
+        }
+        logger.log_step(last)
         done = step + 1
         if done == tr.max_steps or (tr.save_every and done % tr.save_every == 0):
             save_checkpoint(run_dir, done, backend,
@@ -153,4 +155,8 @@ def run_training(recipe: Recipe) -> Path:
             logger.message(f"exported {out}")
         barrier()
     logger.close()
+    if last is not None:
+        logger.message(f"done: {last['step']} steps, last loss {last['loss']:.4f}, "
+                       f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_mem_gib']:.2f} GiB/rank; "
+                       f"run dir {run_dir}")
     return run_dir

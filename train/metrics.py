@@ -67,7 +67,7 @@ class RunLogger:
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
+        if self._bar is not None and not self._bar.disable:
             self._bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)

@@ -7,10 +7,12 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ TINY_FLAVOURS: dict[str, dict[str, Any]] = {
 
 class ModelSourceError(ValueError):
     """The model named in the recipe cannot be found or used."""
+
+    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
 
 def build_config(source: ModelSource, vocab_size: int, overrides: dict[str, Any],
                  trust_remote_code: bool = False) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     if source.is_tiny:
         fields = dict(TINY_FLAVOURS[source.name_or_path], vocab_size=vocab_size)
         model_type = fields.pop("model_type")
@@ -83,6 +89,8 @@ def build_model(source: ModelSource, config: PretrainedConfig, *, device: str | 
 
     The config is deep-copied: transformers mutates it when it sets the attention implementation.
     """
+    from transformers import AutoModelForCausalLM
+
     config = copy.deepcopy(config)
     kwargs = dict(attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
                   dtype=torch.float32)

@@ -22,6 +22,8 @@ RECIPES_DIR = Path(_train_pkg.__file__).resolve().parent.parent / "recipes"
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message says which key and why."""
 
+    user_facing = True  # the CLI prints it as one error line, without a traceback
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -179,6 +181,9 @@ class Recipe(_Section):
         if ext.method != "none" and ext.target_length is None and ext.factor is None:
             raise ValueError(f"extension.method={ext.method} needs extension.target_length or "
                              "extension.factor")
+        if ext.rope_theta is not None and ext.method != "abf":
+            raise ValueError(f"extension.rope_theta is the new base of method abf; method {ext.method} "
+                             "does not use it")
         if ext.method == "abf" and ext.rope_theta is None:
             raise ValueError("extension.method=abf needs extension.rope_theta (the new base)")
         if ext.method == "none" and (ext.target_length or ext.factor or ext.rope_theta):
