@@ -51,6 +51,14 @@ class ParallelDims:
         raise ValueError(f"unknown mesh dimension {name!r}; valid: {', '.join(MESH_ORDER)}")
 
 
+def build_mesh(dims: ParallelDims, device_type: str):
+    """The device mesh over every dimension in MESH_ORDER (size-1 dimensions included)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = tuple(getattr(dims, name) for name in MESH_ORDER)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_ORDER)
+
+
 def launched_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment (torchrun, accelerate, deepspeed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,71 @@
+"""Sequence-parallel attention for HF models, registered with transformers' `AttentionInterface`.
+
+`parallelize()` switches a model to `attn_implementation="longtune_sp"`; every forward then passes
+`sp_context=SequenceParallelContext(...)` (built by `sp_input.shard_micro_batch`) through the model
+to this function, which runs Ulysses all-to-all (if any) around ring attention (if any) with
+document masking. The model's own code runs on its shard; nothing in transformers is patched.
+The name holds no "flash": transformers treats such names as flash-attention kernel requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface
+
+from .kernels import get_kernel
+from .ring_attention import RingAttention, RingPlan
+from .ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
+
+ATTN_IMPLEMENTATION = "longtune_sp"
+
+
+@dataclass(frozen=True)
+class SequenceParallelContext:
+    """Where this rank's tokens sit in the sequence, and the groups to talk to."""
+
+    layout: str  # contiguous | zigzag (over the ring dimension)
+    seq_len: int  # padded full length
+    doc_bounds: tuple[tuple[tuple[int, int], ...], ...]  # per row, global [start, end)
+    ring: int
+    ring_rank: int
+    ring_group: dist.ProcessGroup | None
+    ulysses: int
+    ulysses_rank: int
+    ulysses_group: dist.ProcessGroup | None
+    kernel: str | None = None
+
+
+def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, attention_mask: torch.Tensor | None,
+                                dropout: float = 0.0, scaling: float | None = None,
+                                sp_context: SequenceParallelContext | None = None, **kwargs):
+    """HF attention signature: q `[B, Hq, l, D]`, k/v `[B, Hkv, l, D]` → (`[B, l, Hq, D]`, None)."""
+    if sp_context is None:
+        raise RuntimeError(f"attn_implementation {ATTN_IMPLEMENTATION!r} needs sp_context=... in the "
+                           "model call (longtune.parallel.sp_input.shard_micro_batch builds it)")
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} is not supported under sequence parallelism")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < sp_context.seq_len:
+        raise ValueError(f"sliding-window attention (window {window}) is not supported under sequence "
+                         "parallelism")
+    ctx = sp_context
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = query, key, value
+    if ctx.ulysses > 1:
+        copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
+        if copies > 1:
+            k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
+        q, k, v = (sequence_to_heads(t, ctx.ulysses_group, ctx.ulysses) for t in (q, k, v))
+    plan = RingPlan(ctx.layout, ctx.ring, ctx.ring_rank, ctx.seq_len, ctx.doc_bounds, scale,
+                    get_kernel(ctx.kernel, q.device), ctx.ring_group)
+    out = RingAttention.apply(q, k, v, plan)
+    if ctx.ulysses > 1:
+        out = heads_to_sequence(out, ctx.ulysses_group, ctx.ulysses)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, sequence_parallel_attention)
