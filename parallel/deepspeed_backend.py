@@ -90,7 +90,9 @@ class DeepSpeedBackend(TrainingBackend):
 
         from .parallelize import parallelize
 
-        self.config = load_deepspeed_config(settings, dims.dp, device.type == "cuda")
+        # DeepSpeed treats every rank as data-parallel (sequence-parallel ranks reduce gradients like dp),
+        # so its batch bookkeeping counts dp × sp ranks.
+        self.config = load_deepspeed_config(settings, dims.dp * dims.sp, device.type == "cuda")
         model = parallelize(build_model(device), dims, data_parallel="none")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -101,8 +103,9 @@ class DeepSpeedBackend(TrainingBackend):
 
     @property
     def loss_multiplier(self) -> float:
-        # DeepSpeed divides the loss by the accumulation steps and averages gradients over dp.
-        return float(self.dims.dp * self.settings.grad_accum)
+        # DeepSpeed divides the loss by the accumulation steps and averages gradients over all of its
+        # ranks, which include the sequence-parallel ones.
+        return float(self.dims.dp * self.dims.sp * self.settings.grad_accum)
 
     def train_mode(self) -> None:
         self.engine.train()

@@ -58,7 +58,9 @@ class NativeBackend(TrainingBackend):
 
     @property
     def loss_multiplier(self) -> float:
-        return float(self.dims.dp)
+        # DDP / FSDP2 average gradients over every rank: dp × sp (sequence-parallel ranks hold the same
+        # parameters and partial gradients of the same rows).
+        return float(self.dims.dp * self.dims.sp)
 
     def train_mode(self) -> None:
         self.model.train()

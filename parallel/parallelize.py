@@ -75,11 +75,15 @@ def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: 
 def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
                 offload: bool = False, device: torch.device | None = None) -> nn.Module:
     """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none."""
-    # 1-4. pipeline split, tensor parallel, sequence-parallel attention, recompute/offload: not yet.
+    # 1-2. pipeline split, tensor parallel: not yet.
+    # 3. sequence-parallel attention: the model was built with attn_implementation="longtune_sp"
+    #    (sp_attention.py) and each forward receives its shard's SequenceParallelContext.
+    # 4. recompute / offload: not yet.
     # 5. data-parallel wrapping.
     if data_parallel == "fsdp":
         return apply_fsdp(model, bf16=bf16, offload=offload)
-    if data_parallel == "ddp" and dims.dp > 1:
+    # Gradients are reduced over dp × sp: sequence-parallel ranks hold partial gradients of one replica.
+    if data_parallel == "ddp" and dims.dp * dims.sp > 1:
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     return model

@@ -54,7 +54,11 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
                          "parallelism")
     ctx = sp_context
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q, k, v = query, key, value
+    # Under autocast the rotary embedding promotes q/k to fp32 while v stays bf16; sdpa would cast them
+    # to the autocast dtype itself, our kernels need one dtype.
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     if ctx.ulysses > 1:
         copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
         if copies > 1:

@@ -56,7 +56,7 @@ def test_world_size_the_recipe_cannot_use(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("command", ["prep", "eval", "plan", "parity"])
+@pytest.mark.parametrize("command", ["plan"])
 def test_later_commands_say_not_available(command):
     proc = run([str(BIN / "longtune"), command], check=False, timeout=60)
     assert proc.returncode == 2 and "not available yet" in proc.stderr
@@ -65,3 +65,13 @@ def test_later_commands_say_not_available(command):
 def test_recipes_listing():
     proc = run([str(BIN / "longtune"), "recipes"], timeout=60)
     assert "tiny-smoke" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["eval", "longrope-search"])
+def test_delegated_commands_report_bad_input(command, tmp_path):
+    proc = run([str(BIN / "longtune"), command, str(tmp_path / "no-model"), "--target-length", "512",
+                "--out", str(tmp_path / "out")] if command == "longrope-search"
+               else [str(BIN / "longtune"), command, str(tmp_path / "no-model")], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("longtune: error:")
+    assert not (tmp_path / "out").exists()

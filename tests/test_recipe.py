@@ -80,8 +80,9 @@ def test_cross_field_checks():
 
 
 def test_capabilities_not_built_yet_are_refused_by_name():
-    with pytest.raises(RecipeError, match="parallel.sp.ring, parallel.tp: not available yet"):
-        recipe_from_dict({"parallel": {"sp": {"ring": 2}, "tp": 2}})
+    with pytest.raises(RecipeError, match="parallel.tp, parallel.pp: not available yet"):
+        recipe_from_dict({"parallel": {"pp": 2, "tp": 2}})
+    assert recipe_from_dict({"parallel": {"sp": {"ring": 2, "ulysses": 2}}}).parallel.sp.degree == 4
 
 
 def test_world_size_checks_name_the_numbers():

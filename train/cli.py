@@ -19,11 +19,16 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 NOT_YET = {
-    "prep": "building packed corpora",
-    "eval": "long-context evaluation (passkey, needle, perplexity vs length)",
     "plan": "the parallel-layout planner",
-    "parity": "the sequence-parallel parity check",
 }
+
+DELEGATED = {
+    "prep": ("longtune.data_prep.cli", "build a packed long-document corpus from a prep config"),
+    "eval": ("longtune.train.evaluate.cli", "long-context evaluation: passkey, needle, perplexity vs length"),
+    "longrope-search": ("longtune.train.longrope", "evolutionary search of LongRoPE rescale factors"),
+    "parity": ("longtune.train.parity", "compare a recipe's parallel layout with one process (loss, gradients)"),
+}
+"""Subcommands with their own argument parser: `longtune NAME ...` calls `MODULE.main(argv)`."""
 
 
 def _fail(message: str) -> int:
@@ -56,9 +61,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+def relaunch_under_torchrun(nproc: int, argv: list[str], module: str = "longtune.train") -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "longtune.train", *argv]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"longtune: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -135,6 +140,14 @@ def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
     return code
 
 
+def _delegate(module_name: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module_name).main(args.args)
+    return run
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     return _fail(f"`longtune {args.command}` ({NOT_YET[args.command]}) is not available yet in this version")
 
@@ -146,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML path or shipped name (e.g. tiny-smoke)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     train.set_defaults(func=cmd_train)
+    for name, (module, what) in DELEGATED.items():
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not available yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)

@@ -74,8 +74,12 @@ class MicroBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    real_tokens: int
-    """Input tokens that are not padding."""
+    real_mask: torch.Tensor
+    """True for input tokens that are not padding."""
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.real_mask.sum())
 
     @property
     def counted_tokens(self) -> int:
@@ -83,7 +87,7 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-                          self.real_tokens)
+                          self.real_mask)
 
 
 def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: bool,
@@ -113,14 +117,16 @@ def collate(rows: list[dict], pad_id: int, document_masking: bool) -> MicroBatch
     ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
     lab_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos_t = torch.zeros((len(rows), width), dtype=torch.long)
+    real_t = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (ids, labels, positions) in enumerate(examples):
         n = len(ids)
         ids_t[i, :n] = torch.tensor(ids)
         lab_t[i, :n] = torch.tensor(labels)
         pos_t[i, :n] = torch.tensor(positions)
+        real_t[i, :n] = True
         # Padding continues as one more "document" so it never joins a real one.
         pos_t[i, n:] = torch.arange(width - n)
-    return MicroBatch(ids_t, lab_t, pos_t, sum(len(ids) for ids, _, _ in examples))
+    return MicroBatch(ids_t, lab_t, pos_t, real_t)
 
 
 class StepBatches:

@@ -6,17 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from longtune.parallel.backend import BackendSettings, create_backend
 from longtune.parallel.dims import (
-    ParallelDims,
     all_reduce_max,
     all_reduce_sum,
     barrier,
-    device_for,
-    init_process_group,
-    launched_world,
 )
 
 from .checkpoint import (
@@ -26,15 +20,13 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .data import StepBatches, load_corpus
+from .data import IGNORE_INDEX
 from .export import export_hf_model
-from .extension import apply_extension, plan_extension
 from .loss import token_loss_sum
 from .metrics import RunLogger, peak_memory_gib
-from .model import build_config, build_model, resolve_model_source
 from .recipe import Recipe
+from .run_setup import setup_run
 from .schedule import LRSchedule
-from .tokenizer import load_tokenizer
 
 log = logging.getLogger("longtune")
 
@@ -53,42 +45,13 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
 
 def run_training(recipe: Recipe) -> Path:
     """Train as one rank of the launched world; returns the run dir."""
-    rank, local_rank, world = launched_world()
-    dp = recipe.data_parallel_size(world)  # validates the world size before any heavy work
-    if world > 1 or (recipe.parallel.backend == "native" and recipe.parallel.fsdp):
-        init_process_group()
-    dims = ParallelDims(world, dp=dp)
-    device = device_for(local_rank)
-    tr = recipe.train
+    run = setup_run(recipe)
+    rank, world, dims, device, tr = run.rank, run.world, run.dims, run.device, recipe.train
+    dp, sp, batches, tokenizer, config = dims.dp, recipe.parallel.sp, run.batches, run.tokenizer, run.config
     run_dir = Path(tr.output_dir)
-    torch.manual_seed(tr.seed)
-
-    source = resolve_model_source(recipe.model.name_or_path)
-    trust = recipe.model.trust_remote_code
-    tokenizer = load_tokenizer(recipe.model.tokenizer, source.model_dir, trust)
-    config = build_config(source, len(tokenizer), recipe.model.config_overrides, trust)
-    ext = recipe.extension
-    if ext.method != "none":
-        plan = plan_extension(config, ext.method, ext.target_length, ext.original_length, ext.factor,
-                              ext.rope_theta, ext.options)
-        apply_extension(config, plan)
-    if tr.seq_len > config.max_position_embeddings:
-        log.warning("train.seq_len %d exceeds max_position_embeddings %d: direct extrapolation",
-                    tr.seq_len, config.max_position_embeddings)
-
-    corpus = load_corpus(recipe.data.path, tokenizer, tr.seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = StepBatches(corpus, seed=tr.seed, global_batch=tr.global_batch_size,
-                          micro_batch=tr.micro_batch_size, dp=dp, dp_rank=dims.coordinate(rank, "dp"),
-                          pad_id=pad_id, document_masking=recipe.data.document_masking)
-
-    def build(device_or_meta):
-        return build_model(source, config, device=device_or_meta,
-                           attn_implementation=recipe.model.attn_implementation, seed=tr.seed,
-                           trust_remote_code=trust)
 
     backend = create_backend(recipe.parallel.backend, backend_settings(recipe, batches.grad_accum), dims,
-                             device, build)
+                             device, run.build_model)
 
     start_step, tokens_seen = 0, 0
     layout = checkpoint_layout(recipe, world)
@@ -109,7 +72,8 @@ def run_training(recipe: Recipe) -> Path:
                        wandb_name=tr.wandb.name, config=recipe.model_dump(mode="json"))
     if found is not None:
         logger.message(f"resumed from {found[1]} at step {start_step}")
-    logger.message(f"world {world} (dp {dp}), backend {recipe.parallel.backend}, device {device.type}, "
+    sp_text = f", sp {sp.ring}×{sp.ulysses} (ring × ulysses, {sp.layout})" if dims.sp > 1 else ""
+    logger.message(f"world {world} (dp {dp}{sp_text}), backend {recipe.parallel.backend}, device {device.type}, "
                    f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
                    f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
 
@@ -117,14 +81,14 @@ def run_training(recipe: Recipe) -> Path:
     last = None
     for step in range(start_step, tr.max_steps):
         started = time.perf_counter()
-        micro = [mb.to(device) for mb in batches.for_step(step)]
-        local_tokens = sum(mb.real_tokens for mb in micro)
-        count, = all_reduce_sum([sum(mb.counted_tokens for mb in micro)], device)
+        micro = [run.model_inputs(mb) for mb in batches.for_step(step)]
+        local_tokens = sum(real for _, _, real in micro)
+        count, = all_reduce_sum([sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in micro)], device)
         lr = backend.lr
         local_loss = 0.0
-        for i, mb in enumerate(micro):
-            logits = backend.forward(input_ids=mb.input_ids, position_ids=mb.position_ids)
-            loss_sum = token_loss_sum(logits, mb.labels)
+        for i, (inputs, labels, _) in enumerate(micro):
+            logits = backend.forward(**inputs)
+            loss_sum = token_loss_sum(logits, labels)
             backend.backward(loss_sum * (backend.loss_multiplier / max(count, 1.0)),
                              last_micro_batch=i == len(micro) - 1)
             local_loss += loss_sum.item()

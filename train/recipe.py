@@ -63,9 +63,21 @@ class DataSection(_Section):
 
 
 class SequenceParallelSection(_Section):
-    ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all) degree.")
+    ulysses: int = Field(1, ge=1, description="Ulysses (all-to-all) degree; must divide the query heads.")
     ring: int = Field(1, ge=1, description="Ring attention degree.")
-    ring_impl: Literal["ring", "zigzag"] = Field("zigzag", description="Ring layout.")
+    ring_impl: Literal["ring", "zigzag"] = Field("zigzag", description="Ring layout: contiguous chunks "
+                                                  "(ring) or causal-balanced chunks (zigzag).")
+    kernel: Literal["torch_cpu", "torch_cuda_flash", "flash_attn"] | None = Field(
+        None, description="Block attention kernel; null: the best available for the device.")
+
+    @property
+    def degree(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def layout(self) -> str:
+        """The sharding layout name of `longtune.parallel.sharding`."""
+        return "contiguous" if self.ring_impl == "ring" else "zigzag"
 
 
 class DeepSpeedSection(_Section):
@@ -157,7 +169,6 @@ class Recipe(_Section):
         par, mem, ext, tr = self.parallel, self.memory, self.extension, self.train
         # Capabilities that later work items add are refused here, by name, rather than ignored.
         not_yet = {
-            "parallel.sp.ulysses": par.sp.ulysses > 1, "parallel.sp.ring": par.sp.ring > 1,
             "parallel.tp": par.tp > 1, "parallel.pp": par.pp > 1,
             "memory.recompute": mem.recompute != "none", "memory.tiled_loss": mem.tiled_loss,
             "memory.tiled_mlp": mem.tiled_mlp, "memory.offload.checkpoints": mem.offload.checkpoints,

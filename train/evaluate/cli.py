@@ -1,0 +1,194 @@
+"""`longtune eval MODEL_DIR`: run the chosen evaluations and write JSON, Markdown and PNGs to --out.
+
+Output is written to a temporary sibling of --out and moved in place at the end, so a failed or
+interrupted run leaves no half-written results."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .common import EvalError, load_model, long_text_documents
+from .perplexity import PROTOCOLS
+
+TASKS = ("passkey", "needle", "ppl")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, code 2, like every longtune error
+        raise EvalError(message)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--lengths {text!r}: expected comma-separated whole numbers of tokens") from None
+    if not values or any(v <= 0 for v in values):
+        raise EvalError(f"--lengths {text!r}: lengths must be positive")
+    return sorted(set(values))
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--depths {text!r}: expected comma-separated fractions in [0, 1]") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise EvalError(f"--depths {text!r}: depths are fractions of the context in [0, 1]")
+    return sorted(set(values))
+
+
+def _choices(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in valid]
+    if bad or not values:
+        raise EvalError(f"{flag}: unknown {', '.join(bad) or '(empty)'}; valid: {', '.join(valid)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="longtune eval", description="Long-context evaluation of an HF model dir.")
+    p.add_argument("model_dir", help="HF model dir (config.json, weights, tokenizer)")
+    p.add_argument("--lengths", help="comma-separated context lengths in tokens (default: M/4, M/2, M, 2M with "
+                   "M = max_position_embeddings)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions (default %(default)s)")
+    p.add_argument("--tasks", default="passkey,needle,ppl", help="any of passkey,needle,ppl (default %(default)s)")
+    p.add_argument("--out", help="output dir (default: <run dir>/eval for a run's model/, else ./eval-<name>)")
+    p.add_argument("--trials", type=int, default=5, help="passkey keys per cell (default %(default)s)")
+    p.add_argument("--ppl-protocols", default="single_window,sliding",
+                   help=f"any of {','.join(PROTOCOLS)} (default %(default)s)")
+    p.add_argument("--ppl-texts", type=int, default=4, help="texts averaged for perplexity (default %(default)s)")
+    p.add_argument("--stride", type=int, default=256, help="sliding-window stride (default %(default)s)")
+    p.add_argument("--text", nargs="+", help="text files for haystack and perplexity (default: embedded text)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _default_out(model_dir: Path) -> Path:
+    if (model_dir.parent / "recipe.yaml").is_file():
+        return model_dir.parent / "eval"
+    return Path(f"eval-{model_dir.resolve().name}")
+
+
+def _validate(args) -> dict:
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise EvalError(f"model dir {str(model_dir)!r} does not exist or has no config.json")
+    if args.trials < 1 or args.ppl_texts < 1 or args.stride < 1:
+        raise EvalError("--trials, --ppl-texts and --stride must be at least 1")
+    texts = None
+    if args.text:
+        for f in args.text:
+            if not Path(f).is_file():
+                raise EvalError(f"--text {f!r}: no such file")
+        texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.text]
+    return {"model_dir": model_dir,
+            "lengths": _ints(args.lengths) if args.lengths else None,
+            "depths": _depths(args.depths),
+            "tasks": _choices(args.tasks, TASKS, "--tasks"),
+            "protocols": _choices(args.ppl_protocols, PROTOCOLS, "--ppl-protocols"),
+            "out": Path(args.out) if args.out else _default_out(model_dir),
+            "texts": texts}
+
+
+def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], tasks: list[str],
+             protocols: list[str], trials: int, ppl_texts: int, stride: int, texts: list[str] | None,
+             seed: int, device: str, dtype: str, progress: bool) -> dict:
+    from .needle import run_needle
+    from .passkey import build_prompt, run_passkey
+    from .perplexity import run_perplexity
+
+    lm = load_model(model_dir, device, dtype)
+    if lengths is None:
+        m = lm.max_position_embeddings
+        lengths = sorted({n for n in (m // 4, m // 2, m, 2 * m) if n >= 128})
+    documents = texts if texts is not None else long_text_documents()
+    if "passkey" in tasks:  # fail before any work if the smallest length cannot hold the prompt
+        build_prompt(lm.tokenizer, min(lengths), 0.0, 50000)
+    n_ppl = ppl_texts * len(lengths) * len(protocols) if "ppl" in tasks else 0
+    total = (trials * len(lengths) * len(depths) if "passkey" in tasks else 0) + \
+        (len(lengths) * len(depths) if "needle" in tasks else 0) + n_ppl
+    bar = tqdm(total=total, desc="longtune eval", unit="step", disable=not progress, file=sys.stderr)
+    results: dict = {
+        "model": {"dir": str(model_dir), "max_position_embeddings": lm.max_position_embeddings,
+                  "original_length": lm.original_length, "rope_parameters": lm.rope_parameters},
+        "lengths": lengths, "depths": depths, "seed": seed,
+        "text_source": "user files" if texts is not None else
+        "embedded documents (also the tiny recipes' training corpus: not held out)",
+    }
+    started = time.perf_counter()
+    try:
+        if "passkey" in tasks:
+            bar.set_postfix_str("passkey")
+            results["passkey"] = run_passkey(lm, lengths, depths, trials, seed, progress=bar.update)
+        if "needle" in tasks:
+            bar.set_postfix_str("needle")
+            results["needle"] = run_needle(lm, lengths, depths, documents, progress=bar.update)
+        if "ppl" in tasks:
+            bar.set_postfix_str("perplexity")
+            results["perplexity"] = run_perplexity(lm, lengths, protocols, documents, ppl_texts, stride,
+                                                   progress=bar.update)
+    finally:
+        bar.close()
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    return results
+
+
+def _summary(results: dict) -> str:
+    lines = []
+    for task, key in (("passkey", "accuracy"), ("needle", "score")):
+        if task in results:
+            by_len: dict[int, list[float]] = {}
+            for c in results[task]["cells"]:
+                by_len.setdefault(c["length"], []).append(c[key])
+            lines.append(f"{task:8s} " + "  ".join(f"{n}: {sum(v) / len(v):.2f}" for n, v in by_len.items()))
+    if "perplexity" in results:
+        for proto in sorted({p["protocol"] for p in results["perplexity"]["points"]}):
+            pts = [p for p in results["perplexity"]["points"] if p["protocol"] == proto]
+            lines.append(f"ppl {proto:14s} " + "  ".join(f"{p['length']}: {p['ppl']:.1f}" for p in pts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import write_report
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        v = _validate(args)
+        results = evaluate(v["model_dir"], v["lengths"], v["depths"], v["tasks"], v["protocols"], args.trials,
+                           args.ppl_texts, args.stride, v["texts"], args.seed, args.device, args.dtype,
+                           progress=not args.no_progress)
+        out: Path = v["out"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            written = write_report(results, tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except EvalError as exc:
+        print(f"longtune: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    print(_summary(results))
+    print(f"wrote {', '.join(str(out / p.name) for p in written)} ({results['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Passkey retrieval with the Landmark-attention prompt (used by PI, YaRN, LongLoRA, LongRoPE), scored by
+exact match of the first integer the model generates, on a lengths × depths grid."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .common import EvalError, LoadedModel, encode, greedy_generate
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = " What is the pass key? The pass key is"
+
+
+def needle_text(key: int) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key."
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    input_ids: list[int]
+    key: int
+    needle_start: int
+    """Token index where the needle begins."""
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
+    """A prompt of at most `length` tokens (BOS included) with the needle after `depth` of the filler.
+
+    The filler is whole Landmark sentences repeated; the total length is within one filler sentence
+    of `length`."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    head, needle, tail = encode(tokenizer, TASK), encode(tokenizer, needle_text(key)), encode(tokenizer, QUESTION)
+    unit = encode(tokenizer, FILLER)
+    fixed = len(bos) + len(head) + len(needle) + len(tail)
+    budget = length - fixed
+    if budget < 0:
+        raise EvalError(f"passkey length {length} is shorter than the prompt without filler ({fixed} tokens)")
+    n_units = budget // len(unit)
+    before = round(n_units * depth)
+    ids = bos + head + unit * before
+    start = len(ids)
+    ids += needle + unit * (n_units - before) + tail
+    return PasskeyPrompt(ids, key, start)
+
+
+def first_integer(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+def run_passkey(lm: LoadedModel, lengths: list[int], depths: list[float], trials: int, seed: int,
+                max_new_tokens: int = 8, progress: Callable[[], None] | None = None) -> dict:
+    """Accuracy per (length, depth) over `trials` random keys 1–50 000 (seeded per cell)."""
+    cells = []
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"{seed}-{length}-{depth}")
+            hits, samples = 0, []
+            for _ in range(trials):
+                key = rng.randint(1, 50000)
+                prompt = build_prompt(lm.tokenizer, length, depth, key)
+                answer = greedy_generate(lm, prompt.input_ids, max_new_tokens)
+                ok = first_integer(answer) == key
+                hits += ok
+                if len(samples) < 2:
+                    samples.append({"key": key, "output": answer, "correct": ok})
+                if progress:
+                    progress()
+            cells.append({"length": length, "depth": depth, "prompt_tokens": len(prompt.input_ids),
+                          "accuracy": hits / trials, "trials": trials, "samples": samples})
+    return {"prompt": "landmark", "scoring": "exact match of the first generated integer",
+            "max_new_tokens": max_new_tokens, "cells": cells}

@@ -1,0 +1,92 @@
+"""Perplexity against evaluation length under a named protocol.
+
+- `single_window` ("truncated" in YaRN): each document cut to the evaluation length W, one forward
+  pass, every predicted token scored.
+- `sliding` (Press et al.; PI §3.2): over one text of N tokens, windows of W tokens start every
+  `stride` tokens (capped at W/2); each window scores only the tokens the previous window did not.
+
+Both report the token-weighted mean NLL (exp of the sum of token NLLs / number of scored tokens);
+YaRN's script instead averages per-window means, which weights short last windows more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .common import LoadedModel, text_tokens
+
+PROTOCOLS = ("single_window", "sliding")
+
+
+@torch.no_grad()
+def token_nll(model, ids: list[int], device) -> torch.Tensor:
+    """NLL of ids[1:] given their prefix inside this window, float64 on CPU (len(ids) − 1 values)."""
+    x = torch.tensor([ids], device=device)
+    logits = model(x, use_cache=False).logits[0, :-1].float()
+    return F.cross_entropy(logits, x[0, 1:], reduction="none").double().cpu()
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored index) per window; every token from index 1 on is scored exactly once."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        first = max(prev_end, begin + 1)  # the window's first token has no context inside it
+        if end > first:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def effective_stride(stride: int, window: int) -> int:
+    """The stride, capped at half the window: with stride ≥ window the first token of every window would
+    be left unscored (it has no context inside its window)."""
+    return max(1, min(stride, window // 2))
+
+
+def sliding_nll(model, ids: list[int], window: int, stride: int, device) -> tuple[float, int]:
+    """(sum of NLL, scored tokens) of the sliding-window protocol over `ids`."""
+    total, count = 0.0, 0
+    for begin, end, first in sliding_windows(len(ids), window, stride):
+        nll = token_nll(model, ids[begin:end], device)  # nll[j] is the loss of token begin + 1 + j
+        scored = nll[first - begin - 1:]
+        total += float(scored.sum())
+        count += scored.numel()
+    return total, count
+
+
+def run_perplexity(lm: LoadedModel, lengths: list[int], protocols: list[str], documents: list[str],
+                   n_docs: int, stride: int, progress: Callable[[], None] | None = None) -> dict:
+    results = []
+    longest = max(lengths)
+    streams = [text_tokens(lm.tokenizer, documents[i::n_docs], longest) for i in range(n_docs)]
+    for protocol in protocols:
+        for length in lengths:
+            total, count = 0.0, 0
+            for ids in streams:
+                if protocol == "single_window":
+                    nll = token_nll(lm.model, ids[:length], lm.device)
+                    total, count = total + float(nll.sum()), count + nll.numel()
+                else:
+                    s, c = sliding_nll(lm.model, ids, length, effective_stride(stride, length), lm.device)
+                    total, count = total + s, count + c
+                if progress:
+                    progress()
+            mean = total / count
+            point = {"protocol": protocol, "length": length, "nll": mean, "ppl": math.exp(mean),
+                     "tokens_scored": count}
+            if protocol == "sliding":
+                point["stride"] = effective_stride(stride, length)
+            results.append(point)
+    return {"protocols": {
+                "single_window": "each text cut to the evaluation length, one forward pass, all tokens scored",
+                "sliding": f"windows of the evaluation length every {stride} tokens (at most half a window) "
+                           f"over {longest}-token texts, each token scored once",
+            }, "aggregation": "token-weighted mean NLL over all texts", "texts": n_docs,
+            "text_tokens": longest, "stride": stride, "points": results}

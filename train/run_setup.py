@@ -1,0 +1,105 @@
+"""Everything one rank needs before training (or a parity check) starts: the launched world, the
+parallel dims and groups, tokenizer, HF config with the extension applied, the corpus and its seeded
+order, a model factory, and the function that turns a micro-batch into this rank's model inputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+
+from longtune.parallel.dims import ParallelDims, build_mesh, device_for, init_process_group, launched_world
+from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION as SP_ATTENTION
+from longtune.parallel.sp_input import shard_micro_batch
+
+from .data import MicroBatch, StepBatches, load_corpus
+from .extension import apply_extension, plan_extension
+from .model import ModelSource, build_config, build_model, resolve_model_source
+from .recipe import Recipe, RecipeError
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("longtune")
+
+
+@dataclass
+class RunSetup:
+    recipe: Recipe
+    rank: int
+    world: int
+    dims: ParallelDims
+    device: torch.device
+    source: ModelSource
+    tokenizer: object
+    config: object
+    corpus: datasets.Dataset
+    pad_id: int
+    batches: StepBatches
+    attn_implementation: str
+    sp_groups: dict = field(default_factory=dict)
+
+    def build_model(self, device: torch.device | str, attn_implementation: str | None = None):
+        return build_model(self.source, self.config, device=device,
+                           attn_implementation=attn_implementation or self.attn_implementation,
+                           seed=self.recipe.train.seed, trust_remote_code=self.recipe.model.trust_remote_code)
+
+    def model_inputs(self, mb: MicroBatch) -> tuple[dict, torch.Tensor, int]:
+        """(forward kwargs on the device, shifted labels, real tokens) of this rank's part of `mb`."""
+        sp = self.recipe.parallel.sp
+        if self.dims.sp == 1:
+            inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids}
+            labels, real = mb.labels, mb.real_tokens
+        else:
+            shard = shard_micro_batch(mb.input_ids, mb.labels, mb.position_ids, mb.real_mask, dims=self.dims,
+                                      rank=self.rank, layout=sp.layout, pad_id=self.pad_id,
+                                      groups=self.sp_groups, kernel=sp.kernel)
+            inputs = {"input_ids": shard.input_ids, "position_ids": shard.position_ids,
+                      "sp_context": shard.context}
+            labels, real = shard.labels, shard.real_tokens
+        moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return moved, labels.to(self.device), real
+
+
+def setup_run(recipe: Recipe) -> RunSetup:
+    """Validate the world against the recipe, join the process group and build everything but the model."""
+    rank, local_rank, world = launched_world()
+    dp = recipe.data_parallel_size(world)  # validates the world size before any heavy work
+    if world > 1 or (recipe.parallel.backend == "native" and recipe.parallel.fsdp):
+        init_process_group()
+    sp = recipe.parallel.sp
+    dims = ParallelDims(world, dp=dp, sp_ring=sp.ring, sp_ulysses=sp.ulysses)
+    device = device_for(local_rank)
+    tr = recipe.train
+    torch.manual_seed(tr.seed)
+
+    source = resolve_model_source(recipe.model.name_or_path)
+    trust = recipe.model.trust_remote_code
+    tokenizer = load_tokenizer(recipe.model.tokenizer, source.model_dir, trust)
+    config = build_config(source, len(tokenizer), recipe.model.config_overrides, trust)
+    ext = recipe.extension
+    if ext.method != "none":
+        plan = plan_extension(config, ext.method, ext.target_length, ext.original_length, ext.factor,
+                              ext.rope_theta, ext.options)
+        apply_extension(config, plan)
+    if sp.ulysses > 1 and config.num_attention_heads % sp.ulysses:
+        raise RecipeError(f"parallel.sp.ulysses {sp.ulysses} does not divide the model's "
+                          f"{config.num_attention_heads} query heads")
+    if tr.seq_len > config.max_position_embeddings:
+        log.warning("train.seq_len %d exceeds max_position_embeddings %d: direct extrapolation",
+                    tr.seq_len, config.max_position_embeddings)
+
+    corpus = load_corpus(recipe.data.path, tokenizer, tr.seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = StepBatches(corpus, seed=tr.seed, global_batch=tr.global_batch_size,
+                          micro_batch=tr.micro_batch_size, dp=dp, dp_rank=dims.coordinate(rank, "dp"),
+                          pad_id=pad_id, document_masking=recipe.data.document_masking)
+
+    attn = recipe.model.attn_implementation
+    sp_groups: dict = {}
+    if dims.sp > 1:
+        attn = SP_ATTENTION  # the model's own code runs on its shard; attention goes through the ring
+        mesh = build_mesh(dims, device.type)
+        sp_groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
+    return RunSetup(recipe, rank, world, dims, device, source, tokenizer, config, corpus, pad_id, batches,
+                    attn, sp_groups)
