@@ -76,3 +76,19 @@ def reference_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     longtune("train", *PARITY_ARGS, f"train.output_dir={out}")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny-llama HF dir with the embedded tokenizer (for tests that need no training)."""
+    from longtune.train.model import build_config, build_model, resolve_model_source
+    from longtune.train.tokenizer import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
+    source = resolve_model_source("tiny-llama")
+    model = build_model(source, build_config(source, len(tokenizer), {}), device="cpu",
+                        attn_implementation="sdpa", seed=0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

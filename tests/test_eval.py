@@ -18,21 +18,6 @@ from longtune.train.evaluate.perplexity import sliding_nll, sliding_windows, tok
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from longtune.train.model import build_config, build_model, resolve_model_source
-    from longtune.train.tokenizer import embedded_tokenizer
-
-    tokenizer = embedded_tokenizer()
-    source = resolve_model_source("tiny-llama")
-    model = build_model(source, build_config(source, len(tokenizer), {}), device="cpu",
-                        attn_implementation="sdpa", seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     return load_model(tiny_model_dir, "cpu")
 

@@ -335,18 +335,3 @@ def test_option_and_length_errors():
     with pytest.raises(ExtensionError, match="already uses rope_type 'yarn'"):
         plan_extension(config, "yarn", 8192)
 
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """An untrained tiny-llama HF dir with the embedded tokenizer (the rope tests need no training)."""
-    from longtune.train.model import build_config, build_model, resolve_model_source
-    from longtune.train.tokenizer import embedded_tokenizer
-
-    tokenizer = embedded_tokenizer()
-    source = resolve_model_source("tiny-llama")
-    model = build_model(source, build_config(source, len(tokenizer), {}), device="cpu",
-                        attn_implementation="sdpa", seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path

@@ -16,21 +16,6 @@ from longtune.train.extension import apply_extension, plan_extension
 from longtune.train.longrope import ScaledRotary, legalize, main, ntk_factors, pi_factors, yarn_factors
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from longtune.train.model import build_config, build_model, resolve_model_source
-    from longtune.train.tokenizer import embedded_tokenizer
-
-    tokenizer = embedded_tokenizer()
-    source = resolve_model_source("tiny-llama")
-    model = build_model(source, build_config(source, len(tokenizer), {}), device="cpu",
-                        attn_implementation="sdpa", seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _config(d=64, b=10000.0, L=2048):
     return LlamaConfig(hidden_size=4 * d, num_attention_heads=4, num_key_value_heads=2, head_dim=d,
                        intermediate_size=64, num_hidden_layers=1, vocab_size=32, max_position_embeddings=L,
