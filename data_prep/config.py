@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import PrepError
+from .overrides import apply_overrides as apply_dotted_overrides
 
 
 class Strict(BaseModel):
@@ -181,40 +182,8 @@ class PrepConfig(Strict):
         return self.pad_to_multiple > 1 or any(isinstance(s, SyntheticSource) for s in self.sources)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise PrepError(f"override {text!r} is not of the form key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise PrepError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.split("."), value
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node: Any = data
-        for depth, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise PrepError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not an index of "
-                                    f"a list of {len(node)}")
-                node = node[int(key)]
-                continue
-            child = node.setdefault(key, {})
-            if not isinstance(child, (dict, list)):
-                raise PrepError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
-            node = child
-        last = keys[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise PrepError(f"override {text!r}: {last} is not an index of a list of {len(node)}")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
+    return apply_dotted_overrides(data, overrides, PrepError)
 
 
 def load_prep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PrepConfig:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import longtune.train as _train_pkg
+from longtune.data_prep.overrides import apply_overrides as apply_dotted_overrides
 
 RECIPES_DIR = Path(_train_pkg.__file__).resolve().parent.parent / "recipes"
 """Shipped recipes: `recipes/` of the checkout, or `longtune/recipes` of an installed package."""
@@ -260,29 +261,9 @@ def resolve_recipe_path(name_or_path: str) -> Path:
                       f"(shipped: {', '.join(shipped_recipes())})")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.max_steps=10` → (['train', 'max_steps'], 10); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override {text!r} is not of the form section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.split("."), value
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
-            node = child
-        node[keys[-1]] = value
-    return data
+    """Dotted `section.key=value` overrides (values parsed as YAML); problems are RecipeErrors."""
+    return apply_dotted_overrides(data, overrides, RecipeError)
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
