@@ -31,12 +31,7 @@ def cut_point(text: str, max_chars: int) -> int:
 
 def split_text(text: str, max_chars: int) -> Iterator[str]:
     """Segments of at most `max_chars` characters that join back to `text`."""
-    while len(text) > max_chars:
-        cut = cut_point(text, max_chars)
-        yield text[:cut]
-        text = text[cut:]
-    if text:
-        yield text
+    yield from split_stream((text,), max_chars)
 
 
 def split_stream(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
