@@ -101,6 +101,9 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
     out = torch.zeros(b, h, length, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, length), float("-inf"), dtype=torch.float32, device=q.device)
     kv = [k, v]
+    # Query row ranges that already hold a partial result. A piece's rows are one document's part of
+    # one query chunk, so a range is either wholly new (copied) or wholly seen (merged).
+    covered: set[tuple[int, int, int]] = set()
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         pending = None
@@ -108,12 +111,18 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
             pending = _rotate(kv, plan)
         for row in range(b):
             for p in plan.pieces(plan.rank, src, row):
-                rows = slice(p.q_start, p.q_end)
+                r, rows = slice(row, row + 1), slice(p.q_start, p.q_end)
                 block_out, block_lse = plan.kernel.forward(
-                    q[row:row + 1, :, rows], kv[0][row:row + 1, :, p.k_start:p.k_end],
-                    kv[1][row:row + 1, :, p.k_start:p.k_end], p.causal, plan.scale)
-                out[row:row + 1, :, rows], lse[row:row + 1, :, rows] = merge_partial_attention(
-                    out[row:row + 1, :, rows], lse[row:row + 1, :, rows], block_out, block_lse)
+                    q[r, :, rows], kv[0][r, :, p.k_start:p.k_end], kv[1][r, :, p.k_start:p.k_end], p.causal,
+                    plan.scale)
+                key = (row, p.q_start, p.q_end)
+                if key in covered:
+                    out[r, :, rows], lse[r, :, rows] = merge_partial_attention(
+                        out[r, :, rows], lse[r, :, rows], block_out, block_lse)
+                else:
+                    out[r, :, rows] = block_out
+                    lse[r, :, rows] = block_lse
+                    covered.add(key)
         if pending is not None:
             _wait(pending[0])
             kv = pending[1]

@@ -59,17 +59,17 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
     device_type = query.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    if ctx.ulysses > 1:
-        copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
-        if copies > 1:
-            k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
-        q, k, v = (sequence_to_heads(t, ctx.ulysses_group, ctx.ulysses) for t in (q, k, v))
     plan = RingPlan(ctx.layout, ctx.ring, ctx.ring_rank, ctx.seq_len, ctx.doc_bounds, scale,
                     get_kernel(ctx.kernel, q.device), ctx.ring_group)
-    out = RingAttention.apply(q, k, v, plan)
-    if ctx.ulysses > 1:
-        out = heads_to_sequence(out, ctx.ulysses_group, ctx.ulysses)
-    return out.transpose(1, 2).contiguous(), None
+    if ctx.ulysses == 1:
+        return RingAttention.apply(q, k, v, plan).transpose(1, 2).contiguous(), None
+    copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
+    if copies > 1:
+        k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
+    # The all-to-alls work in [B, S, H, D]; the kernels take [B, H, S, D] views of it.
+    q, k, v = sequence_to_heads([t.transpose(1, 2) for t in (q, k, v)], ctx.ulysses_group, ctx.ulysses)
+    out = RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan)
+    return heads_to_sequence(out.transpose(1, 2), ctx.ulysses_group, ctx.ulysses), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, sequence_parallel_attention)

@@ -43,17 +43,24 @@ def replicate_kv_heads(kv_heads: int, q_heads: int, degree: int) -> int:
     return copies
 
 
-def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
-    """`[B, H, L/U, D]` (sequence-sharded) → `[B, H/U, L, D]` (head-sharded)."""
-    b, h, s, d = x.shape
-    send = x.reshape(b, degree, h // degree, s, d).permute(1, 0, 2, 3, 4)
-    recv = _AllToAll.apply(send, group)  # [U (source rank = sequence part), B, H/U, L/U, D]
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // degree, degree * s, d)
+def sequence_to_heads(tensors: list[torch.Tensor], group: dist.ProcessGroup, degree: int
+                      ) -> list[torch.Tensor]:
+    """`[B, L/U, H_i, D]` (sequence-sharded, all heads) → `[B, L, H_i/U, D]` (head-sharded, whole sequence).
+
+    The tensors (q, k, v) travel in one all-to-all. Working in `[B, S, H, D]` — the layout the
+    projections produce — makes the receive side a view for batch 1 and leaves one send copy.
+    """
+    b, s, _, d = tensors[0].shape
+    parts = [t.reshape(b, s, degree, t.shape[2] // degree, d).permute(2, 0, 1, 3, 4) for t in tensors]
+    heads = [p.shape[3] for p in parts]
+    recv = _AllToAll.apply(torch.cat(parts, dim=3), group)  # [U (sequence part), B, s, Σh, D]
+    gathered = recv.permute(1, 0, 2, 3, 4).reshape(b, degree * s, sum(heads), d)
+    return list(gathered.split(heads, dim=2))
 
 
 def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup, degree: int) -> torch.Tensor:
-    """`[B, H/U, L, D]` (head-sharded) → `[B, H, L/U, D]` (sequence-sharded)."""
-    b, hl, s, d = x.shape
-    send = x.reshape(b, hl, degree, s // degree, d).permute(2, 0, 1, 3, 4)
-    recv = _AllToAll.apply(send, group)  # [U (source rank = head group), B, H/U, L/U, D]
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, degree * hl, s // degree, d)
+    """`[B, L, H/U, D]` (head-sharded) → `[B, L/U, H, D]` (sequence-sharded)."""
+    b, length, h, d = x.shape
+    send = x.reshape(b, degree, length // degree, h, d).transpose(0, 1)
+    recv = _AllToAll.apply(send, group)  # [U (head group), B, L/U, H/U, D]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, length // degree, degree * h, d)
