@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .dims import ParallelDims
+from .recompute import RecomputeSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class BackendSettings:
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed_config: str | None = None
+    recompute: RecomputeSettings = RecomputeSettings()
 
 
 ModelFactory = Callable[[torch.device | str], nn.Module]

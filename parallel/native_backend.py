@@ -44,11 +44,13 @@ class NativeBackend(TrainingBackend):
             offload = settings.offload_params or settings.offload_optimizer
             self.model = build_model("meta")
             full = build_model("cpu") if dist.get_rank() == 0 else None
-            parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16, offload=offload)
+            parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16, offload=offload,
+                        recompute=settings.recompute)
             materialize_sharded(self.model, full, device, offload=offload)
             del full
         else:
-            self.model = parallelize(build_model(device), dims, data_parallel="ddp", device=device)
+            self.model = parallelize(build_model(device), dims, data_parallel="ddp", device=device,
+                                     recompute=settings.recompute)
         self._autocast = settings.bf16 and not shard  # FSDP2 casts through its MixedPrecisionPolicy
         self._fsdp = shard
         self.optimizer = torch.optim.AdamW(

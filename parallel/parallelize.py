@@ -3,8 +3,9 @@
 The order (DESIGN.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
 recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
 Each step lives in its own module and returns early when the recipe leaves it off; this version
-applies the data-parallel step — the earlier steps arrive with their work items and the recipe
-refuses them until then (`Recipe._cross_field_checks`).
+applies sequence-parallel attention, recomputation and the data-parallel step — pipeline and
+tensor parallelism arrive with their work items and the recipe refuses them until then
+(`Recipe._cross_field_checks`).
 
 FSDP2 shards a model built on the meta device: the weights are materialized on each rank's device
 after sharding and filled from rank 0's full copy (`materialize_sharded`), so no rank but the
@@ -21,15 +22,16 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.nn.parallel import DistributedDataParallel
 
 from .dims import ParallelDims
+from .recompute import RecomputeSettings, apply_recompute
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of an HF causal LM (`model.model.layers` in every supported family)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no model.layers: not a supported decoder family")
-    return list(layers)
+    return layers
 
 
 def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> nn.Module:
@@ -59,13 +61,15 @@ def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: 
     full_sd = full_model.state_dict() if rank == 0 else {}
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True,
                                                                    broadcast_from_rank0=True))
+    # Wrappers (activation checkpointing) add a prefix to module names; the source model has none.
     source_buffers = dict(full_model.named_buffers()) if rank == 0 else {}
+    unwrap = "_checkpoint_wrapped_module."
     for module_name, module in model.named_modules():
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf is None:
                 continue
             buf = buf.to(device)
-            full_name = f"{module_name}.{name}" if module_name else name
+            full_name = (f"{module_name}.{name}" if module_name else name).replace(unwrap, "")
             if rank == 0:
                 buf.copy_(source_buffers[full_name])
             dist.broadcast(buf, src=0)
@@ -73,12 +77,16 @@ def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: 
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
-                offload: bool = False, device: torch.device | None = None) -> nn.Module:
+                offload: bool = False, device: torch.device | None = None,
+                recompute: RecomputeSettings | None = None) -> nn.Module:
     """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none."""
     # 1-2. pipeline split, tensor parallel: not yet.
     # 3. sequence-parallel attention: the model was built with attn_implementation="longtune_sp"
     #    (sp_attention.py) and each forward receives its shard's SequenceParallelContext.
-    # 4. recompute / offload: not yet.
+    # 4. recomputation: wrap decoder layers (or their sub-modules) in non-reentrant checkpointing, before
+    #    FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
+    if recompute is not None:
+        apply_recompute(decoder_layers(model), recompute)
     # 5. data-parallel wrapping.
     if data_parallel == "fsdp":
         return apply_fsdp(model, bf16=bf16, offload=offload)

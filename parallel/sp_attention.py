@@ -67,8 +67,13 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
     if copies > 1:
         k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
     # The all-to-alls work in [B, S, H, D]; the kernels take [B, H, S, D] views of it.
-    q, k, v = sequence_to_heads([t.transpose(1, 2) for t in (q, k, v)], ctx.ulysses_group, ctx.ulysses)
-    out = RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan)
+    q, k, v = (t.transpose(1, 2) for t in sequence_to_heads([t.transpose(1, 2) for t in (q, k, v)],
+                                                           ctx.ulysses_group, ctx.ulysses))
+    if ctx.ring > 1:
+        # K/V travel around the ring: give them (and q) their own dense buffers once, so neither the
+        # all-to-all buffer stays alive nor every ring step copies a strided view before sending.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = RingAttention.apply(q, k, v, plan)
     return heads_to_sequence(out.transpose(1, 2), ctx.ulysses_group, ctx.ulysses), None
 
 

@@ -12,6 +12,7 @@ from longtune.parallel.dims import (
     all_reduce_sum,
     barrier,
 )
+from longtune.parallel.recompute import RecomputeSettings, activation_offload
 
 from .checkpoint import (
     check_resumable,
@@ -40,6 +41,7 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
         bf16=recipe.model.dtype == "bfloat16", fsdp=par.fsdp, zero_stage=par.deepspeed.zero_stage,
         offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
         deepspeed_config=par.deepspeed.config,
+        recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules)),
     )
 
 
@@ -87,7 +89,8 @@ def run_training(recipe: Recipe) -> Path:
         lr = backend.lr
         local_loss = 0.0
         for i, (inputs, labels, _) in enumerate(micro):
-            logits = backend.forward(**inputs)
+            with activation_offload(recipe.memory.offload.activations):
+                logits = backend.forward(**inputs)
             loss_sum = token_loss_sum(logits, labels)
             backend.backward(loss_sum * (backend.loss_multiplier / max(count, 1.0)),
                              last_micro_batch=i == len(micro) - 1)

@@ -106,6 +106,8 @@ class ParallelSection(_Section):
 
 class OffloadSection(_Section):
     checkpoints: bool = Field(False, description="Move checkpointed activations to host memory.")
+    activations: bool = Field(False, description="Keep every tensor autograd saves in host memory "
+                              "(save_on_cpu; pinned on GPU).")
     optimizer: bool = Field(False, description="Optimizer state on the host (ZeRO offload_optimizer; "
                             "FSDP2 CPUOffloadPolicy).")
     params: bool = Field(False, description="Parameters on the host (ZeRO-3 offload_param; FSDP2 "
@@ -114,7 +116,10 @@ class OffloadSection(_Section):
 
 class MemorySection(_Section):
     recompute: Literal["none", "full", "selective"] = Field("none", description="Activation "
-                                                             "recomputation.")
+                                                             "recomputation (non-reentrant checkpointing).")
+    recompute_every: int = Field(2, ge=1, description="selective: recompute every k-th decoder layer.")
+    recompute_modules: list[str] = Field(default_factory=list, description="selective: recompute these "
+                                         "sub-modules of every layer (e.g. [mlp]) instead of whole layers.")
     tiled_loss: bool = Field(False, description="Logits and loss in sequence chunks.")
     tiled_mlp: bool = Field(False, description="MLP in sequence chunks.")
     offload: OffloadSection = Field(default_factory=OffloadSection)
@@ -171,12 +176,15 @@ class Recipe(_Section):
         # Capabilities that later work items add are refused here, by name, rather than ignored.
         not_yet = {
             "parallel.tp": par.tp > 1, "parallel.pp": par.pp > 1,
-            "memory.recompute": mem.recompute != "none", "memory.tiled_loss": mem.tiled_loss,
+            "memory.tiled_loss": mem.tiled_loss,
             "memory.tiled_mlp": mem.tiled_mlp, "memory.offload.checkpoints": mem.offload.checkpoints,
         }
         missing = [k for k, on in not_yet.items() if on]
         if missing:
             raise ValueError(f"{', '.join(missing)}: not available yet in this version of longtune")
+        if mem.recompute != "selective" and mem.recompute_modules:
+            raise ValueError("memory.recompute_modules is for memory.recompute=selective, got "
+                             f"{mem.recompute}")
         if par.backend == "native":
             if (mem.offload.optimizer or mem.offload.params) and not par.fsdp:
                 raise ValueError("memory.offload.optimizer/params with parallel.backend=native need "
