@@ -4,7 +4,6 @@ name the valid keys, and dotted `key=value` overrides change any field (`sources
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,7 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import PrepError
-from .overrides import apply_overrides as apply_dotted_overrides
+from .yaml_config import apply_overrides as apply_dotted_overrides
+from .yaml_config import unknown_key_message
 
 
 class Strict(BaseModel):
@@ -209,10 +209,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     where = ".".join(loc) or "config"
     if err["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], valid, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"unknown key {where!r}{suggestion}; valid keys here: {', '.join(valid)}"
+        return unknown_key_message(loc, _valid_keys(loc[:-1]))
     if err["type"] == "value_error":
         return f"{where}: " + err["msg"].removeprefix("Value error, ") if loc else err["msg"].removeprefix(
             "Value error, ")

@@ -6,7 +6,6 @@ checks that involve several fields live in `Recipe._cross_field_checks` only.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -14,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import longtune.train as _train_pkg
-from longtune.data_prep.overrides import apply_overrides as apply_dotted_overrides
+from longtune.data_prep.yaml_config import apply_overrides as apply_dotted_overrides
+from longtune.data_prep.yaml_config import unknown_key_message
 
 RECIPES_DIR = Path(_train_pkg.__file__).resolve().parent.parent / "recipes"
 """Shipped recipes: `recipes/` of the checkout, or `longtune/recipes` of an installed package."""
@@ -299,10 +299,7 @@ def _describe(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     where = ".".join(loc) or "recipe"
     if err["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], valid, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"unknown key {where!r}{suggestion}; valid keys here: {', '.join(valid)}"
+        return unknown_key_message(loc, _valid_keys(loc[:-1]))
     if err["type"] == "value_error":
         return err["msg"].removeprefix("Value error, ")
     got = err.get("input")

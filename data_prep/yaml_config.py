@@ -1,8 +1,10 @@
-"""Dotted `key.sub=value` overrides for the YAML configs of every longtune command (recipes and prep
-configs): values are parsed as YAML, list items are addressed by index (`sources.0.weight.share=0.3`)."""
+"""What the YAML configs of every longtune command (recipes, prep configs) share: dotted
+`key.sub=value` overrides — values parsed as YAML, list items addressed by index
+(`sources.0.weight.share=0.3`) — and the message for an unknown key."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import yaml
@@ -46,3 +48,10 @@ def _index(text: str, where: str, key: str, items: list, error: type[Exception])
     if not key.isdigit() or int(key) >= len(items):
         raise error(f"override {text!r}: {where} is not an index of a list of {len(items)}")
     return int(key)
+
+
+def unknown_key_message(loc: list[str], valid: list[str]) -> str:
+    """`loc` is the path of the unknown key; `valid` the keys allowed at that level."""
+    hint = difflib.get_close_matches(loc[-1], valid, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown key {'.'.join(loc)!r}{suggestion}; valid keys here: {', '.join(valid)}"
