@@ -39,6 +39,7 @@ class BackendSettings:
     offload_params: bool = False
     deepspeed_config: str | None = None
     recompute: RecomputeSettings = RecomputeSettings()
+    tp_sequence_parallel: bool = True
 
 
 ModelFactory = Callable[[torch.device | str], nn.Module]
@@ -59,7 +60,7 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for one micro-batch."""
+        """Logits for one micro-batch; with a tiled lm_head inside `lm_head_computes_loss`, its loss sum."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -51,8 +52,14 @@ class ParallelDims:
         raise ValueError(f"unknown mesh dimension {name!r}; valid: {', '.join(MESH_ORDER)}")
 
 
+@functools.cache
 def build_mesh(dims: ParallelDims, device_type: str):
-    """The device mesh over every dimension in MESH_ORDER (size-1 dimensions included)."""
+    """The device mesh over every dimension in MESH_ORDER (size-1 dimensions included).
+
+    One per (dims, device type) and process: the sequence-parallel groups of the run setup and the
+    tensor-parallel and data-parallel sub-meshes of `parallelize()` come from the same mesh (FSDP2
+    needs its mesh and the TP mesh to share a root) and its process groups are created once.
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = tuple(getattr(dims, name) for name in MESH_ORDER)

@@ -17,11 +17,34 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
 from .dims import ParallelDims
 from .parallelize import materialize_sharded, parallelize
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+    """The global gradient norm (before clipping), then clip to `max_norm` (inf: no clipping).
+
+    Gradients may be plain tensors or DTensors on several meshes — under TP the decoder layers live
+    on the (dp × sp, tp) mesh and the embeddings on dp × sp — which torch's `clip_grad_norm_` cannot
+    stack together: the norm is taken per mesh, made whole (`full_tensor`) and combined.
+    """
+    by_mesh: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if math.isfinite(max_norm):
+        for group in by_mesh.values():  # torch's foreach ops take one mesh at a time
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
 
 
 @contextlib.contextmanager
@@ -45,14 +68,16 @@ class NativeBackend(TrainingBackend):
             self.model = build_model("meta")
             full = build_model("cpu") if dist.get_rank() == 0 else None
             parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16, offload=offload,
-                        recompute=settings.recompute)
+                        device=device, recompute=settings.recompute,
+                        tp_sequence_parallel=settings.tp_sequence_parallel)
             materialize_sharded(self.model, full, device, offload=offload)
             del full
         else:
             self.model = parallelize(build_model(device), dims, data_parallel="ddp", device=device,
-                                     recompute=settings.recompute)
+                                     recompute=settings.recompute,
+                                     tp_sequence_parallel=settings.tp_sequence_parallel)
         self._autocast = settings.bf16 and not shard  # FSDP2 casts through its MixedPrecisionPolicy
-        self._fsdp = shard
+        self._fsdp = isinstance(self.model, FSDPModule)  # FSDP2, or its replicate mode under TP
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
             weight_decay=settings.weight_decay)
@@ -60,8 +85,9 @@ class NativeBackend(TrainingBackend):
 
     @property
     def loss_multiplier(self) -> float:
-        # DDP / FSDP2 average gradients over every rank: dp × sp (sequence-parallel ranks hold the same
-        # parameters and partial gradients of the same rows).
+        # DDP / FSDP2 average gradients over dp × sp (sequence-parallel ranks hold the same parameters
+        # and partial gradients of the same rows). Tensor-parallel ranks compute one replica's loss
+        # together: each holds it whole and its gradient is that of its own shard, no averaging.
         return float(self.dims.dp * self.dims.sp)
 
     def train_mode(self) -> None:
@@ -85,13 +111,11 @@ class NativeBackend(TrainingBackend):
 
     def step(self) -> float:
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(list(self.model.parameters()), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def lr(self) -> float:

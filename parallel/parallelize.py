@@ -3,9 +3,13 @@
 The order (DESIGN.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
 recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
 Each step lives in its own module and returns early when the recipe leaves it off; this version
-applies sequence-parallel attention, recomputation and the data-parallel step — pipeline and
-tensor parallelism arrive with their work items and the recipe refuses them until then
+applies tensor parallelism, sequence-parallel attention, recomputation and the data-parallel step —
+pipeline parallelism arrives with its work item and the recipe refuses it until then
 (`Recipe._cross_field_checks`).
+
+With tensor parallelism the decoder layers hold DTensor shards over the `tp` mesh dimension, so the
+data-parallel step reduces gradients over the dp × sp sub-mesh only, with FSDP2 (`fully_shard`) or
+FSDP2's replicate mode (DDP semantics; `DistributedDataParallel` itself refuses DTensor parameters).
 
 FSDP2 shards a model built on the meta device: the weights are materialized on each rank's device
 after sharding and filled from rank 0's full copy (`materialize_sharded`), so no rank but the
@@ -21,8 +25,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .dims import ParallelDims
+from .dims import ParallelDims, build_mesh
 from .recompute import RecomputeSettings, apply_recompute
+from .tensor_parallel import apply_tensor_parallel
+from .tiling import apply_tiled_loss, apply_tiled_mlp
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -34,9 +40,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool) -> nn.Module:
-    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
-    kwargs: dict = {}
+def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, mesh=None) -> nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
+
+    `mesh`: the data-parallel (dp × sp) sub-mesh under tensor parallelism; None: every rank.
+    """
+    kwargs: dict = {"mesh": mesh} if mesh is not None else {}
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
@@ -76,18 +85,46 @@ def materialize_sharded(model: nn.Module, full_model: nn.Module | None, device: 
             module._buffers[name] = buf
 
 
+def apply_replicate(model: nn.Module, mesh) -> nn.Module:
+    """DDP semantics for DTensor parameters: FSDP2's replicate mode over `mesh` (dp × sp), per decoder
+    layer and the root, so each layer's gradients are all-reduced as soon as its backward is done."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    for layer in decoder_layers(model):
+        replicate(layer, mesh=mesh)
+    replicate(model, mesh=mesh)
+    return model
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
                 offload: bool = False, device: torch.device | None = None,
-                recompute: RecomputeSettings | None = None) -> nn.Module:
+                recompute: RecomputeSettings | None = None, tp_sequence_parallel: bool = True) -> nn.Module:
     """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none."""
-    # 1-2. pipeline split, tensor parallel: not yet.
+    # 1. pipeline split: not yet.
+    # 2. tensor parallel: the decoder layers' linears (and, with tp_sequence_parallel, the norms between
+    #    them) become DTensors over the tp dimension (tensor_parallel.py).
+    mesh = None
+    if dims.tp > 1:
+        device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        mesh = build_mesh(dims, device_type)
+        apply_tensor_parallel(model, decoder_layers(model), mesh["tp"], sequence_parallel=tp_sequence_parallel)
     # 3. sequence-parallel attention: the model was built with attn_implementation="longtune_sp"
     #    (sp_attention.py) and each forward receives its shard's SequenceParallelContext.
-    # 4. recomputation: wrap decoder layers (or their sub-modules) in non-reentrant checkpointing, before
-    #    FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
+    # 4. recomputation / offload: tiled MLP and tiled logits + loss (tiling.py) first, then wrap decoder
+    #    layers (or their sub-modules) in non-reentrant checkpointing, optionally with their inputs in
+    #    host memory; before FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
     if recompute is not None:
+        apply_tiled_mlp(decoder_layers(model), recompute.tiled_mlp_chunk)
+        apply_tiled_loss(model, recompute.tiled_loss_chunk)
         apply_recompute(decoder_layers(model), recompute)
     # 5. data-parallel wrapping.
+    if mesh is not None and data_parallel != "none":
+        # TP ranks hold different shards: reduce over dp × sp only (also when that is one rank: the
+        # wrapper turns the partial gradients of the tp-replicated norm weights into full ones).
+        dp_mesh = mesh["dp", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
+        if data_parallel == "fsdp":
+            return apply_fsdp(model, bf16=bf16, offload=offload, mesh=dp_mesh)
+        return apply_replicate(model, dp_mesh)
     if data_parallel == "fsdp":
         return apply_fsdp(model, bf16=bf16, offload=offload)
     # Gradients are reduced over dp × sp: sequence-parallel ranks hold partial gradients of one replica.

@@ -1,4 +1,5 @@
-"""Recomputation and activation offload: they really recompute / offload, and leave the loss curve unchanged."""
+"""Recomputation, activation and checkpoint offload, tiled loss and MLP: the loss curve is unchanged
+(tiled pieces in isolation: test_tiled.py)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ LAYOUTS = {
     "fsdp2-full": ["memory.recompute=full", "parallel.dp=2", "parallel.fsdp=true"],
     "zero3-selective": ["memory.recompute=selective", "memory.recompute_every=2", "parallel.dp=2",
                         "parallel.backend=deepspeed", "parallel.deepspeed.zero_stage=3"],
+    # Chunks that do not divide the 256-token rows (128 per sequence-parallel shard).
+    "tiled-loss": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=100"],
+    "tiled-mlp": ["memory.tiled_mlp=true", "memory.tiled_mlp_chunk=100"],
+    "full+checkpoint-offload": ["memory.recompute=full", "memory.offload.checkpoints=true"],
+    "tiled-loss+sp-ring2": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=50", "parallel.sp.ring=2"],
+    "fsdp2-tiled+selective-mlp+checkpoint-offload": [
+        "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",
+        "memory.tiled_mlp_chunk=100", "memory.recompute=selective", "memory.recompute_modules=[mlp]",
+        "memory.offload.checkpoints=true", "parallel.dp=2", "parallel.fsdp=true"],
 }
 
 
@@ -87,4 +97,15 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_three_step_curve_is_unchanged(layout, reference, tmp_path):
     longtune("train", *ARGS, *LAYOUTS[layout], f"train.output_dir={tmp_path}")
+    assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_three_step_curve_is_unchanged_with_tiling_and_checkpoint_offload_under_zero3(reference, tmp_path):
+    # ZeRO-3 gathers lm_head / MLP weights once per chunk, in forward and again in the recomputation.
+    longtune("train", *ARGS, "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",
+             "memory.tiled_mlp_chunk=100", "memory.recompute=full", "memory.offload.checkpoints=true",
+             "parallel.dp=2", "parallel.backend=deepspeed", "parallel.deepspeed.zero_stage=3",
+             f"train.output_dir={tmp_path}")
     assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)

@@ -13,6 +13,7 @@ from longtune.parallel.dims import (
     barrier,
 )
 from longtune.parallel.recompute import RecomputeSettings, activation_offload
+from longtune.parallel.tiling import lm_head_computes_loss
 
 from .checkpoint import (
     check_resumable,
@@ -41,7 +42,11 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
         bf16=recipe.model.dtype == "bfloat16", fsdp=par.fsdp, zero_stage=par.deepspeed.zero_stage,
         offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
         deepspeed_config=par.deepspeed.config,
-        recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules)),
+        recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules),
+                                    offload_checkpoints=mem.offload.checkpoints,
+                                    tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
+                                    tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0),
+        tp_sequence_parallel=par.tp_sequence_parallel,
     )
 
 
@@ -75,6 +80,7 @@ def run_training(recipe: Recipe) -> Path:
     if found is not None:
         logger.message(f"resumed from {found[1]} at step {start_step}")
     sp_text = f", sp {sp.ring}×{sp.ulysses} (ring × ulysses, {sp.layout})" if dims.sp > 1 else ""
+    sp_text += f", tp {dims.tp}" if dims.tp > 1 else ""
     logger.message(f"world {world} (dp {dp}{sp_text}), backend {recipe.parallel.backend}, device {device.type}, "
                    f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
                    f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
@@ -86,17 +92,21 @@ def run_training(recipe: Recipe) -> Path:
         micro = [run.model_inputs(mb) for mb in batches.for_step(step)]
         local_tokens = sum(real for _, _, real in micro)
         count, = all_reduce_sum([sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in micro)], device)
+        count /= dims.tp  # every tp rank of a replica holds the same rows: the world sum counts them tp times
         lr = backend.lr
         local_loss = 0.0
         for i, (inputs, labels, _) in enumerate(micro):
-            with activation_offload(recipe.memory.offload.activations):
-                logits = backend.forward(**inputs)
-            loss_sum = token_loss_sum(logits, labels)
+            # Tiled loss: the model's lm_head returns the loss sum itself, computed in chunks (tiling.py).
+            tiled = recipe.memory.tiled_loss
+            with (activation_offload(recipe.memory.offload.activations),
+                  lm_head_computes_loss(labels if tiled else None, token_loss_sum)):
+                out = backend.forward(**inputs)
+            loss_sum = out if tiled else token_loss_sum(out, labels)
             backend.backward(loss_sum * (backend.loss_multiplier / max(count, 1.0)),
                              last_micro_batch=i == len(micro) - 1)
             local_loss += loss_sum.item()
         grad_norm = backend.step()
-        loss_total, tokens = all_reduce_sum([local_loss, float(local_tokens)], device)
+        loss_total, tokens = (v / dims.tp for v in all_reduce_sum([local_loss, float(local_tokens)], device))
         elapsed = time.perf_counter() - started
         tokens_seen += int(tokens)
         if count == 0:

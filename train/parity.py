@@ -1,6 +1,6 @@
 """`longtune parity RECIPE`: does the recipe's parallel layout compute what one process computes?
 
-Each rank builds the model with the recipe's layout (sequence parallelism, data parallelism) and
+Each rank builds the model with the recipe's layout (sequence, tensor and data parallelism) and
 runs the first steps' micro-batches; rank 0 also runs the same rows through the plain single-process
 model. Per step it prints the loss of both and the largest relative gradient difference (over every
 parameter, `max|g − g₁| / max|g₁|`), then PASS or FAIL against the tolerance. The weights are the
@@ -15,8 +15,11 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from longtune.parallel.dims import all_reduce_sum
+from longtune.parallel.dims import all_reduce_sum, build_mesh
+from longtune.parallel.parallelize import decoder_layers
+from longtune.parallel.tensor_parallel import apply_tensor_parallel
 
 from .data import IGNORE_INDEX, StepBatches
 from .loss import token_loss_sum
@@ -37,8 +40,12 @@ def _layout_gradients(run: RunSetup, model: torch.nn.Module, step: int) -> tuple
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if isinstance(g, DTensor):
+            g = g.full_tensor()  # the tp ranks' shards (or partial sums) made whole on every tp rank
         if dist.is_initialized():
-            dist.all_reduce(g)  # partial gradients of the global token mean: their sum is the gradient
+            # Partial gradients of the global token mean: their sum is the gradient. The tp ranks of a
+            # replica hold the same whole gradient, but `count` counted their rows tp times too.
+            dist.all_reduce(g)
         grads[name] = g.detach().cpu()
     return total / max(count, 1.0), grads
 
@@ -62,12 +69,16 @@ def _reference_gradients(run: RunSetup, model: torch.nn.Module, step: int) -> tu
 def check_parity(recipe, steps: int, tol: float) -> bool:
     run = setup_run(recipe)
     model = run.build_model(run.device)
+    if run.dims.tp > 1:
+        apply_tensor_parallel(model, decoder_layers(model), build_mesh(run.dims, run.device.type)["tp"],
+                              sequence_parallel=recipe.parallel.tp_sequence_parallel)
     reference = run.build_model("cpu", attn_implementation=recipe.model.attn_implementation) \
         if run.rank == 0 else None
     ok = True
     if run.rank == 0:
         print(f"parity of {run.world} processes (dp {run.dims.dp}, sp {run.dims.sp_ring}×{run.dims.sp_ulysses} "
-              f"ring × ulysses, {recipe.parallel.sp.layout}) against 1 process, fp32, tolerance {tol:g}")
+              f"ring × ulysses, {recipe.parallel.sp.layout}, tp {run.dims.tp}) against 1 process, fp32, "
+              f"tolerance {tol:g}")
         print("| step | loss (1 process) | loss (layout) | loss rel. diff | max grad rel. diff | worst parameter |")
         print("|---|---|---|---|---|---|")
     for step in range(steps):

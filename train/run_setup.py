@@ -13,6 +13,7 @@ import torch
 from longtune.parallel.dims import ParallelDims, build_mesh, device_for, init_process_group, launched_world
 from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION as SP_ATTENTION
 from longtune.parallel.sp_input import shard_micro_batch
+from longtune.parallel.tensor_parallel import tensor_parallel_problem
 
 from .data import MicroBatch, StepBatches, load_corpus
 from .extension import apply_extension, plan_extension
@@ -68,7 +69,7 @@ def setup_run(recipe: Recipe) -> RunSetup:
     if world > 1 or (recipe.parallel.backend == "native" and recipe.parallel.fsdp):
         init_process_group()
     sp = recipe.parallel.sp
-    dims = ParallelDims(world, dp=dp, sp_ring=sp.ring, sp_ulysses=sp.ulysses)
+    dims = ParallelDims(world, dp=dp, sp_ring=sp.ring, sp_ulysses=sp.ulysses, tp=recipe.parallel.tp)
     device = device_for(local_rank)
     tr = recipe.train
     torch.manual_seed(tr.seed)
@@ -82,9 +83,14 @@ def setup_run(recipe: Recipe) -> RunSetup:
         plan = plan_extension(config, ext.method, ext.target_length, ext.original_length, ext.factor,
                               ext.rope_theta, ext.options)
         apply_extension(config, plan)
-    if sp.ulysses > 1 and config.num_attention_heads % sp.ulysses:
+    tp_problem = tensor_parallel_problem(config, dims.tp)
+    if tp_problem:
+        raise RecipeError(tp_problem)
+    if sp.ulysses > 1 and config.num_attention_heads % (sp.ulysses * dims.tp):
+        # Ulysses splits the heads that tensor parallelism leaves on each rank.
+        tp_text = f" / parallel.tp {dims.tp} (= {config.num_attention_heads // dims.tp})" if dims.tp > 1 else ""
         raise RecipeError(f"parallel.sp.ulysses {sp.ulysses} does not divide the model's "
-                          f"{config.num_attention_heads} query heads")
+                          f"{config.num_attention_heads} query heads{tp_text}")
     if tr.seq_len > config.max_position_embeddings:
         log.warning("train.seq_len %d exceeds max_position_embeddings %d: direct extrapolation",
                     tr.seq_len, config.max_position_embeddings)
