@@ -90,16 +90,31 @@ class EmbeddedSource(SourceBase):
 
 class SyntheticSource(SourceBase):
     samples: int = Field(..., gt=0, description="number of samples to generate")
-    length_tokens: int = Field(..., gt=16, description="haystack tokens per sample")
+    length_tokens: int = Field(..., gt=16, description="haystack tokens per sample (with `prompt: landmark`, "
+                                                       "prompt tokens per sample)")
+    min_length_tokens: int | None = Field(None, gt=16, description="if set, each sample's length is drawn "
+                                                                   "uniformly from [min_length_tokens, length_tokens]")
     haystack: str = Field("embedded", description="name of a text source to draw the haystack from, "
                                                   "or `embedded`")
+    loss: Literal["answer", "all"] = Field("answer", description="tokens that carry loss: the answer only, "
+                                                                 "or every token of the sample")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _length_range(self):
+        if self.min_length_tokens is not None and self.min_length_tokens > self.length_tokens:
+            raise ValueError(f"min_length_tokens {self.min_length_tokens} is larger than length_tokens "
+                             f"{self.length_tokens}")
+        return self
 
 
 class PasskeySource(SyntheticSource):
-    """Passkey retrieval: a number hidden in a haystack; loss only on the answer."""
+    """Passkey retrieval: a number hidden in a haystack (`prompt: corpus`), or the Landmark prompt that
+    `longtune eval` scores (`prompt: landmark`: task line, filler sentences, needle, question)."""
 
     type: Literal["passkey"]
+    prompt: Literal["corpus", "landmark"] = Field("corpus", description="haystack of corpus text, or the "
+                                                                        "Landmark evaluation prompt")
 
 
 class NeedleSource(SyntheticSource):

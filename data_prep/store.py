@@ -31,7 +31,8 @@ class TokenStore:
     def append(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
         self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         if self._mask is not None:
-            m = np.zeros(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)
+            # A document without its own mask (any text source) is all targets, like a mask-less corpus.
+            m = np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)
             self._mask.write(m.tobytes())
         self._pending += len(ids)
 

@@ -1,5 +1,6 @@
 """Synthetic long-context retrieval samples as weighted sources: passkey and multi-needle, built on a
-haystack of corpus text, with loss only on the answer tokens. A registry maps `type` to a builder.
+haystack of corpus text (or, for passkey, the Landmark filler that `longtune eval` uses), with loss on
+the answer tokens (or on every token). A registry maps `type` to a builder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,36 @@ KEY_WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "granite", 
              "kestrel", "lantern", "meadow", "nimbus", "obsidian", "pepper", "quartz", "raven", "saffron",
              "timber", "umber", "velvet", "willow", "xenon", "yarrow", "zephyr", "acorn", "bramble",
              "cinder", "dune", "elm", "falcon")
+
+
+# The Landmark-attention passkey prompt (used by PI, YaRN, LongLoRA, LongRoPE). `longtune eval`'s
+# passkey task builds its prompts here too, so training samples and evaluation prompts share one format.
+LANDMARK_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+LANDMARK_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+LANDMARK_QUESTION = " What is the pass key? The pass key is"
+LANDMARK_MAX_KEY = 50000
+
+
+def landmark_needle(key: int) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def landmark_prompt(encode: Callable[[str], list[int]], bos: list[int], length: int, depth: float,
+                    key: int) -> tuple[list[int], int]:
+    """(prompt ids of at most `length` tokens, index where the needle begins): BOS, task, whole filler
+    sentences with the needle after `depth` of them, question. Within one filler sentence of `length`."""
+    head, needle, tail = encode(LANDMARK_TASK), encode(landmark_needle(key)), encode(LANDMARK_QUESTION)
+    unit = encode(LANDMARK_FILLER)
+    fixed = len(bos) + len(head) + len(needle) + len(tail)
+    if length < fixed:
+        raise ValueError(f"passkey length {length} is shorter than the prompt without filler ({fixed} tokens)")
+    n_units = (length - fixed) // len(unit)
+    before = round(n_units * depth)
+    ids = list(bos) + list(head) + list(unit) * before
+    start = len(ids)
+    ids += list(needle) + list(unit) * (n_units - before) + list(tail)
+    return ids, start
 
 
 def haystack_pool(texts: Iterable[str], encode: Callable[[str], np.ndarray], want: int) -> np.ndarray:
@@ -51,14 +82,44 @@ SYNTHETIC_TASKS: dict[str, Callable] = {
 }
 
 
+def _sample_length(source, rng: np.random.Generator) -> int:
+    if not source.min_length_tokens:  # fixed length: no draw, so fixed-length samples stay as they were
+        return source.length_tokens
+    return int(rng.integers(source.min_length_tokens, source.length_tokens + 1))
+
+
+def _landmark_sample(source, encode: Callable[[str], np.ndarray], bos: list[int], eos: list[int],
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    key = int(rng.integers(1, LANDMARK_MAX_KEY + 1))
+    prompt, _ = landmark_prompt(lambda t: encode(t).tolist(), bos, _sample_length(source, rng), float(rng.random()),
+                                key)
+    ans = encode(f" {key}.")
+    ids = np.concatenate([np.asarray(prompt, np.int32), ans, np.asarray(eos, np.int32)]).astype(np.int32)
+    mask = np.zeros(len(ids), np.uint8)
+    mask[len(prompt):len(prompt) + len(ans)] = 1
+    return ids, mask
+
+
 def synthetic_samples(source, pool: np.ndarray, encode: Callable[[str], np.ndarray], bos: list[int],
                       eos: list[int], ordinals: Iterable[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(ordinal, ids, loss_mask) per sample: BOS, haystack with needles at random depths, question,
-    answer (mask 1), EOS. Sample k depends only on (source.seed, k)."""
+    answer (mask 1), EOS; with `loss: all` the mask is 1 everywhere. Sample k depends only on
+    (source.seed, k)."""
+    for k, ids, mask in _samples(source, pool, encode, bos, eos, ordinals):
+        if getattr(source, "loss", "answer") == "all":
+            mask = np.ones(len(ids), np.uint8)
+        yield k, ids, mask
+
+
+def _samples(source, pool: np.ndarray, encode: Callable[[str], np.ndarray], bos: list[int],
+             eos: list[int], ordinals: Iterable[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     task = SYNTHETIC_TASKS[source.type](source)
-    n = source.length_tokens
     for k in ordinals:
         rng = np.random.default_rng([source.seed, k])
+        if getattr(source, "prompt", "corpus") == "landmark":
+            yield k, *_landmark_sample(source, encode, bos, eos, rng)
+            continue
+        n = _sample_length(source, rng)
         needles, question, answer = task(rng)
         start = int(rng.integers(0, len(pool) - n + 1))
         hay = pool[start:start + n]

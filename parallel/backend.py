@@ -40,6 +40,8 @@ class BackendSettings:
     deepspeed_config: str | None = None
     recompute: RecomputeSettings = RecomputeSettings()
     tp_sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"
+    pp_stages_per_rank: int = 1
 
 
 ModelFactory = Callable[[torch.device | str], nn.Module]
@@ -65,6 +67,12 @@ class TrainingBackend(ABC):
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate gradients; they are synchronized over dp on the last micro-batch of a step."""
+
+    def pipeline_step(self, micro_batches: list, loss_fn: Callable, loss_scale: float) -> float:
+        """Pipeline parallelism: forward and backward of all the step's micro-batches (`StageInputs`) through
+        the schedule, each micro-batch's gradient that of `loss_fn(logits, labels) × loss_scale`; returns
+        this rank's sum of token losses (0 on ranks without the last stage)."""
+        raise NotImplementedError(f"the {type(self).__name__} has no pipeline parallelism")
 
     @abstractmethod
     def step(self) -> float:

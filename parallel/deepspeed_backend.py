@@ -93,7 +93,7 @@ class DeepSpeedBackend(TrainingBackend):
         # DeepSpeed treats every rank as data-parallel (sequence-parallel ranks reduce gradients like dp),
         # so its batch bookkeeping counts dp × sp ranks.
         self.config = load_deepspeed_config(settings, dims.dp * dims.sp, device.type == "cuda")
-        model = parallelize(build_model(device), dims, data_parallel="none", recompute=settings.recompute)
+        model, = parallelize(build_model(device), dims, data_parallel="none", recompute=settings.recompute)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.config,

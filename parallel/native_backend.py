@@ -21,16 +21,21 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
-from .dims import ParallelDims
+from .dims import ParallelDims, build_mesh
 from .parallelize import materialize_sharded, parallelize
+from .pipeline import PipelineRunner, StageInputs, gather_stage_state_dicts
+from .tiling import LossFn
 
 
-def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float,
+                   pipeline_group: dist.ProcessGroup | None = None) -> float:
     """The global gradient norm (before clipping), then clip to `max_norm` (inf: no clipping).
 
     Gradients may be plain tensors or DTensors on several meshes — under TP the decoder layers live
     on the (dp × sp, tp) mesh and the embeddings on dp × sp — which torch's `clip_grad_norm_` cannot
-    stack together: the norm is taken per mesh, made whole (`full_tensor`) and combined.
+    stack together: the norm is taken per mesh, made whole (`full_tensor`) and combined. Under pipeline
+    parallelism each rank holds other stages' parameters: the squared norms are summed over
+    `pipeline_group`.
     """
     by_mesh: dict = {}
     for p in parameters:
@@ -41,6 +46,10 @@ def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in group])
         norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu())
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if pipeline_group is not None:
+        squared = total.double().square()
+        dist.all_reduce(squared, group=pipeline_group)
+        total = squared.sqrt().float()
     if math.isfinite(max_norm):
         for group in by_mesh.values():  # torch's foreach ops take one mesh at a time
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
@@ -62,26 +71,50 @@ class NativeBackend(TrainingBackend):
                  build_model: ModelFactory) -> None:
         super().__init__(settings, dims, device)
         shard = settings.fsdp
-        if shard:
+        offload = shard and (settings.offload_params or settings.offload_optimizer)
+        common = dict(bf16=settings.bf16, offload=offload, device=device, recompute=settings.recompute,
+                      tp_sequence_parallel=settings.tp_sequence_parallel,
+                      pp_stages_per_rank=settings.pp_stages_per_rank)
+        if shard and dims.pp == 1:
             # Build on meta, shard, then fill from rank 0's copy: only rank 0 ever holds it all.
-            offload = settings.offload_params or settings.offload_optimizer
-            self.model = build_model("meta")
+            model = build_model("meta")
             full = build_model("cpu") if dist.get_rank() == 0 else None
-            parallelize(self.model, dims, data_parallel="fsdp", bf16=settings.bf16, offload=offload,
-                        device=device, recompute=settings.recompute,
-                        tp_sequence_parallel=settings.tp_sequence_parallel)
-            materialize_sharded(self.model, full, device, offload=offload)
+            self.parts = parallelize(model, dims, data_parallel="fsdp", **common)
+            materialize_sharded(self.parts[0], full, device, offload=offload)
             del full
         else:
-            self.model = parallelize(build_model(device), dims, data_parallel="ddp", device=device,
-                                     recompute=settings.recompute,
-                                     tp_sequence_parallel=settings.tp_sequence_parallel)
+            # Pipeline stages hold different keys, which rank 0's broadcast cannot fill: every rank builds
+            # the full model and keeps its stages (FSDP2 then shards them in place).
+            model = build_model(torch.device("cpu") if offload else device)
+            self.parts = parallelize(model, dims, data_parallel="fsdp" if shard else "ddp", **common)
+            del model
         self._autocast = settings.bf16 and not shard  # FSDP2 casts through its MixedPrecisionPolicy
-        self._fsdp = isinstance(self.model, FSDPModule)  # FSDP2, or its replicate mode under TP
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-            weight_decay=settings.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, settings.lr_multiplier)
+        self._fsdp = isinstance(self.parts[0], FSDPModule)  # FSDP2, or its replicate mode under TP
+        # One optimizer and LR schedule per part (torchtitan's model parts): the state-dict helpers take
+        # one module and its optimizer at a time.
+        self.optimizers = [torch.optim.AdamW(part.parameters(), lr=settings.lr, betas=settings.betas,
+                                             eps=settings.eps, weight_decay=settings.weight_decay)
+                           for part in self.parts]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_multiplier)
+                           for opt in self.optimizers]
+        self._pipeline_group = None
+        self.pipeline: PipelineRunner | None = None
+        if dims.pp > 1:
+            mesh = build_mesh(dims, device.type)
+            self._pipeline_group = mesh.get_group("pp")
+            self._pp_rank = mesh.get_local_rank("pp")
+            # The export gathers over the pipeline group of rank 0: the ranks whose other coordinates are 0.
+            self._stage_leader = all(mesh.get_local_rank(name) == 0 for name in mesh.mesh_dim_names if name != "pp")
+            self.pipeline = PipelineRunner(self.parts, schedule=settings.pp_schedule,
+                                           micro_batches=settings.grad_accum, group=self._pipeline_group,
+                                           device=device)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The whole model (without pipeline parallelism, the only part)."""
+        if self.pipeline is not None:
+            raise RuntimeError("under pipeline parallelism the model is split into stages: use pipeline_step")
+        return self.parts[0]
 
     @property
     def loss_multiplier(self) -> float:
@@ -91,13 +124,22 @@ class NativeBackend(TrainingBackend):
         return float(self.dims.dp * self.dims.sp)
 
     def train_mode(self) -> None:
-        self.model.train()
+        for part in self.parts:
+            part.train()
+
+    def _autocast_context(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast
+                else contextlib.nullcontext())
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast
-               else contextlib.nullcontext())
-        with ctx:
+        with self._autocast_context():
             return self.model(**inputs, use_cache=False).logits
+
+    def pipeline_step(self, micro_batches: list[StageInputs], loss_fn: LossFn, loss_scale: float) -> float:
+        if self.pipeline is None:
+            raise RuntimeError("pipeline_step needs parallel.pp > 1")
+        with self._autocast_context():
+            return self.pipeline.step(micro_batches, loss_fn, loss_scale)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         if self._fsdp:
@@ -111,37 +153,62 @@ class NativeBackend(TrainingBackend):
 
     def step(self) -> float:
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        norm = clip_grad_norm(list(self.model.parameters()), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for part in self.parts for p in part.parameters()]
+        norm = clip_grad_norm(params, max_norm, self._pipeline_group)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         return norm
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.schedulers[0].get_last_lr()[0]
+
+    def _state_dicts(self) -> list[tuple[dict, dict]]:
+        """(model, optimizer) state dicts per part, with HF keys (flattened optimizer state: the parts'
+        keys are disjoint, so their union is one checkpoint whatever the pipeline split)."""
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        return [get_state_dict(part, opt, options=options) for part, opt in zip(self.parts, self.optimizers,
+                                                                                  strict=True)]
+
+    @staticmethod
+    def _union(per_part: list[tuple[dict, dict]]) -> dict:
+        return {"model": {k: v for m, _ in per_part for k, v in m.items()},
+                "optim": {k: v for _, o in per_part for k, v in o.items()}}
 
     def save_checkpoint(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = self._union(self._state_dicts())
         with _single_process_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
+            dcp.save(state, checkpoint_id=str(path / "state"))
         if not dist.is_initialized() or dist.get_rank() == 0:
-            sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+            sched = {k: v for k, v in self.schedulers[0].state_dict().items() if k != "lr_lambdas"}
             (path / "scheduler.json").write_text(json.dumps(sched))
 
     def load_checkpoint(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        per_part = self._state_dicts()
+        state = self._union(per_part)
         with _single_process_dcp():
             dcp.load(state, checkpoint_id=str(path / "state"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        for part, opt, (model_sd, optim_sd) in zip(self.parts, self.optimizers, per_part, strict=True):
+            set_state_dict(part, opt, model_state_dict={k: state["model"][k] for k in model_sd},
+                           optim_state_dict={k: state["optim"][k] for k in optim_sd}, options=options)
         sched = json.loads((path / "scheduler.json").read_text())
-        self.scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                        cpu_offload=True))
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if self.pipeline is None:
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+            if dist.is_initialized() and dist.get_rank() != 0:
+                return None
+            return sd
+        # Each stage's full weights (gathered over its dp × sp replicas where FSDP2 shards them; torch's
+        # cpu_offload would keep them on global rank 0 only), then the stages onto rank 0.
+        options = StateDictOptions(full_state_dict=True)
+        stage_sd = {k: v.cpu() for part in self.parts for k, v in get_model_state_dict(part, options=options).items()}
+        if not self._stage_leader:
             return None
-        return sd
+        return gather_stage_state_dicts(stage_sd, pp_rank=self._pp_rank, group=self._pipeline_group)

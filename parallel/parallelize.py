@@ -2,18 +2,19 @@
 
 The order (DESIGN.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
 recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
-Each step lives in its own module and returns early when the recipe leaves it off; this version
-applies tensor parallelism, sequence-parallel attention, recomputation and the data-parallel step —
-pipeline parallelism arrives with its work item and the recipe refuses it until then
-(`Recipe._cross_field_checks`).
+Each step lives in its own module and returns early when the recipe leaves it off. The pipeline split
+turns the model into this rank's stages (pipeline.py); every later step applies to each of them, so
+`parallelize()` returns the rank's model parts: the whole model, or its pipeline stages.
 
-With tensor parallelism the decoder layers hold DTensor shards over the `tp` mesh dimension, so the
-data-parallel step reduces gradients over the dp × sp sub-mesh only, with FSDP2 (`fully_shard`) or
-FSDP2's replicate mode (DDP semantics; `DistributedDataParallel` itself refuses DTensor parameters).
+With tensor or pipeline parallelism the data-parallel step reduces gradients over the dp × sp
+sub-mesh only: the other ranks hold other shards or other stages. Under tensor parallelism it is FSDP2
+(`fully_shard`) or FSDP2's replicate mode (DDP semantics; `DistributedDataParallel` itself refuses
+DTensor parameters); pipeline stages of plain tensors use FSDP2 or DDP over that sub-mesh.
 
 FSDP2 shards a model built on the meta device: the weights are materialized on each rank's device
 after sharding and filled from rank 0's full copy (`materialize_sharded`), so no rank but the
-first ever holds the full weights.
+first ever holds the full weights. (Under pipeline parallelism every rank builds the full model once
+and keeps its stages: the stages on other ranks hold other keys, which rank 0's broadcast cannot fill.)
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.nn.parallel import DistributedDataParallel
 
 from .dims import ParallelDims, build_mesh
+from .pipeline import apply_stage_boundaries, split_stages
 from .recompute import RecomputeSettings, apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tiling import apply_tiled_loss, apply_tiled_mlp
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of an HF causal LM (`model.model.layers` in every supported family)."""
+def decoder_layers(model: nn.Module) -> nn.Module:
+    """The transformer blocks of an HF causal LM (`model.model.layers` in every supported family), or of
+    a pipeline stage (a ModuleDict keyed by the layers' indices in the whole model); iterate over
+    `.children()`."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -51,7 +55,7 @@ def apply_fsdp(model: nn.Module, *, bf16: bool, offload: bool, mesh=None) -> nn.
     if offload:
         # Pinned host memory needs an accelerator; on a CPU-only machine the policy runs unpinned.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model).children():
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
@@ -90,7 +94,7 @@ def apply_replicate(model: nn.Module, mesh) -> nn.Module:
     layer and the root, so each layer's gradients are all-reduced as soon as its backward is done."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model).children():
         replicate(layer, mesh=mesh)
     replicate(model, mesh=mesh)
     return model
@@ -98,16 +102,39 @@ def apply_replicate(model: nn.Module, mesh) -> nn.Module:
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
                 offload: bool = False, device: torch.device | None = None,
-                recompute: RecomputeSettings | None = None, tp_sequence_parallel: bool = True) -> nn.Module:
-    """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none."""
-    # 1. pipeline split: not yet.
-    # 2. tensor parallel: the decoder layers' linears (and, with tp_sequence_parallel, the norms between
-    #    them) become DTensors over the tp dimension (tensor_parallel.py).
-    mesh = None
-    if dims.tp > 1:
+                recompute: RecomputeSettings | None = None, tp_sequence_parallel: bool = True,
+                pp_stages_per_rank: int = 1) -> list[nn.Module]:
+    """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none.
+
+    Returns this rank's model parts: `[model]`, or under pipeline parallelism its stages.
+    """
+    mesh = dp_mesh = None
+    if dims.tp > 1 or dims.pp > 1:
         device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         mesh = build_mesh(dims, device_type)
+        if data_parallel != "none":
+            dp_mesh = mesh["dp", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
+    # 1. pipeline split: this rank's stages, each holding the original submodules of its slice
+    #    (pipeline.py). Their activations cross stages in the dtype FSDP2's mixed precision computes in.
+    parts = [model]
+    if dims.pp > 1:
+        boundary = torch.bfloat16 if bf16 and data_parallel == "fsdp" else torch.float32
+        parts = split_stages(model, dims.pp, mesh.get_local_rank("pp"), pp_stages_per_rank, boundary)
+    return [_parallelize_part(part, dims, mesh, dp_mesh, data_parallel=data_parallel, bf16=bf16, offload=offload,
+                              device=device, recompute=recompute, tp_sequence_parallel=tp_sequence_parallel)
+            for part in parts]
+
+
+def _parallelize_part(model: nn.Module, dims: ParallelDims, mesh, dp_mesh, *, data_parallel: str, bf16: bool,
+                      offload: bool, device: torch.device | None, recompute: RecomputeSettings | None,
+                      tp_sequence_parallel: bool) -> nn.Module:
+    """Steps 2-5 on the whole model or on one pipeline stage."""
+    # 2. tensor parallel: the decoder layers' linears (and, with tp_sequence_parallel, the norms between
+    #    them) become DTensors over the tp dimension (tensor_parallel.py).
+    if dims.tp > 1:
         apply_tensor_parallel(model, decoder_layers(model), mesh["tp"], sequence_parallel=tp_sequence_parallel)
+        if dims.pp > 1 and tp_sequence_parallel:
+            apply_stage_boundaries(model, mesh["tp"])  # stages exchange the local sequence shards
     # 3. sequence-parallel attention: the model was built with attn_implementation="longtune_sp"
     #    (sp_attention.py) and each forward receives its shard's SequenceParallelContext.
     # 4. recomputation / offload: tiled MLP and tiled logits + loss (tiling.py) first, then wrap decoder
@@ -115,20 +142,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf1
     #    host memory; before FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
     if recompute is not None:
         apply_tiled_mlp(decoder_layers(model), recompute.tiled_mlp_chunk)
-        apply_tiled_loss(model, recompute.tiled_loss_chunk)
+        if getattr(model, "lm_head", None) is not None:  # pipeline stages but the last have none
+            apply_tiled_loss(model, recompute.tiled_loss_chunk)
         apply_recompute(decoder_layers(model), recompute)
     # 5. data-parallel wrapping.
-    if mesh is not None and data_parallel != "none":
+    if data_parallel == "fsdp":
+        return apply_fsdp(model, bf16=bf16, offload=offload, mesh=dp_mesh)
+    if data_parallel == "ddp" and dims.tp > 1:
         # TP ranks hold different shards: reduce over dp × sp only (also when that is one rank: the
         # wrapper turns the partial gradients of the tp-replicated norm weights into full ones).
-        dp_mesh = mesh["dp", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
-        if data_parallel == "fsdp":
-            return apply_fsdp(model, bf16=bf16, offload=offload, mesh=dp_mesh)
         return apply_replicate(model, dp_mesh)
-    if data_parallel == "fsdp":
-        return apply_fsdp(model, bf16=bf16, offload=offload)
     # Gradients are reduced over dp × sp: sequence-parallel ranks hold partial gradients of one replica.
     if data_parallel == "ddp" and dims.dp * dims.sp > 1:
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        group = dp_mesh.get_group() if dp_mesh is not None else None  # pipeline: this stage's replicas
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
     return model

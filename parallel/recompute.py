@@ -60,20 +60,24 @@ def _wrap(module: nn.Module, offload: bool = False) -> nn.Module:
     return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_recompute(layers: nn.ModuleList, settings: RecomputeSettings) -> int:
-    """Wrap in place; returns how many modules now recompute their activations in backward."""
+def apply_recompute(layers: nn.Module, settings: RecomputeSettings) -> int:
+    """Wrap in place; returns how many modules now recompute their activations in backward.
+
+    `layers`: the model's ModuleList, or a pipeline stage's ModuleDict keyed by the layers' indices in
+    the whole model (selective `every` counts those indices, so a layer recomputes under any split).
+    """
     if settings.mode == "none":
         return 0
     wrapped = 0
-    for i, layer in enumerate(layers):
+    for index, layer in list(layers.named_children()):
         if settings.mode == "selective" and settings.modules:
             for name in settings.modules:
                 if not isinstance(getattr(layer, name, None), nn.Module):
                     raise ValueError(f"memory.recompute_modules: decoder layer has no sub-module {name!r}")
                 setattr(layer, name, _wrap(getattr(layer, name), settings.offload_checkpoints))
                 wrapped += 1
-        elif settings.mode == "full" or i % settings.every == 0:
-            layers[i] = _wrap(layer, settings.offload_checkpoints)
+        elif settings.mode == "full" or int(index) % settings.every == 0:
+            setattr(layers, index, _wrap(layer, settings.offload_checkpoints))
             wrapped += 1
     return wrapped
 

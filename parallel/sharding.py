@@ -86,10 +86,13 @@ def unshard_sequence(shards: list[list[torch.Tensor]], layout: str, dim: int = 1
 
 
 def document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the `[start, end)` of every document: a new one starts where positions do not count up."""
+    """Per row, the `[start, end)` of every document: a new one starts where positions do not increase.
+
+    Positions restart at every document (and at the padding); inside one they only grow, by one, or by
+    more where PoSE skips ahead (train/data.py), which is no document boundary."""
     bounds = []
     for row in position_ids.tolist():
-        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1]
+        starts = [0] + [i for i in range(1, len(row)) if row[i] <= row[i - 1]]
         ends = starts[1:] + [len(row)]
         bounds.append(list(zip(starts, ends, strict=True)))
     return bounds

@@ -127,16 +127,26 @@ def tensor_parallel_problem(config, tp: int) -> str | None:
     return None
 
 
-def apply_tensor_parallel(model: nn.Module, layers: nn.ModuleList, tp_mesh: DeviceMesh, *,
+def apply_tensor_parallel(model: nn.Module, layers: nn.Module, tp_mesh: DeviceMesh, *,
                           sequence_parallel: bool) -> None:
-    """Shard `layers` (the model's decoder layers) in place over the 1-D `tp_mesh`."""
+    """Shard `layers` (the model's decoder layers: a ModuleList, or a pipeline stage's ModuleDict) in place
+    over the 1-D `tp_mesh`."""
     model_type = model.config.model_type
     if model_type not in _LAYER_PLANS:
         raise ValueError(f"no tensor-parallel plan for model_type {model_type!r} "
                          f"(plans: {', '.join(supported_model_types())})")
     layer_plan = _LAYER_PLANS[model_type](sequence_parallel)
-    for layer in layers:
+    for layer in layers.children():
         parallelize_module(layer, tp_mesh, layer_plan)
-    boundaries = root_plan(sequence_parallel)
+    # A pipeline stage holds the embeddings, the final norm and lm_head only where its slice has them.
+    boundaries = {path: style for path, style in root_plan(sequence_parallel).items() if _holds(model, path)}
     if boundaries:
         parallelize_module(model, tp_mesh, boundaries)
+
+
+def _holds(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

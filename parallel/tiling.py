@@ -106,11 +106,13 @@ def lm_head_computes_loss(labels: torch.Tensor | None, loss_fn: LossFn) -> Itera
         _PENDING_LOSS.reset(token)
 
 
-def apply_tiled_mlp(layers: nn.ModuleList, chunk: int) -> int:
-    """Wrap every decoder layer's `mlp` in a `TiledMLP` of `chunk` positions (0: off); returns how many."""
+def apply_tiled_mlp(layers: nn.Module, chunk: int) -> int:
+    """Wrap every decoder layer's `mlp` in a `TiledMLP` of `chunk` positions (0: off); returns how many.
+
+    `layers`: the model's ModuleList or a pipeline stage's ModuleDict of layers."""
     if chunk <= 0:
         return 0
-    for layer in layers:
+    for layer in layers.children():
         mlp = getattr(layer, "mlp", None)
         if not isinstance(mlp, nn.Module):
             raise ValueError(f"memory.tiled_mlp: decoder layer {type(layer).__name__} has no mlp sub-module")

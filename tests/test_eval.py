@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longtune.data_prep.synthetic import LANDMARK_FILLER
 from longtune.train.evaluate import needle, passkey
 from longtune.train.evaluate.cli import main
 from longtune.train.evaluate.common import load_model
@@ -64,7 +65,7 @@ def test_single_window_matches_the_hf_loss(lm):
 def test_passkey_prompt_is_the_landmark_prompt(lm, length, depth):
     tok = lm.tokenizer
     prompt = passkey.build_prompt(tok, length, depth, 31337)
-    unit = len(tok(passkey.FILLER, add_special_tokens=False)["input_ids"])
+    unit = len(tok(LANDMARK_FILLER, add_special_tokens=False)["input_ids"])
     assert length - unit < len(prompt.input_ids) <= length
     text = tok.decode(prompt.input_ids, skip_special_tokens=True)
     assert text.startswith("There is an important info hidden inside a lot of irrelevant text.")

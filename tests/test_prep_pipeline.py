@@ -194,6 +194,70 @@ def test_synthetic_passkey_and_needles(tok_dir, tokenizer, tmp_path):
     assert seen == 6
 
 
+def test_landmark_passkey_samples_are_the_eval_prompt(tok_dir, tmp_path):
+    """`prompt: landmark` samples are exactly `longtune eval`'s passkey prompt (built independently by the
+    eval code from the sample's own key and needle position) plus the answer; lengths within the range;
+    `loss: all` puts every token of the sample in the loss."""
+    from transformers import PreTrainedTokenizerFast
+
+    from longtune.train.evaluate.passkey import build_prompt
+
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    src = [{"type": "passkey", "name": "pk", "prompt": "landmark", "samples": 6, "min_length_tokens": 100,
+            "length_tokens": 300}]
+    ds, _ = run(tok_dir, tmp_path, src, seq_len=512, strategy="bfd")
+    lengths = []
+    for row in ds:
+        start = 0
+        for n, s in zip(row["doc_lens"], row["source"], strict=False):
+            ids, mask = row["input_ids"][start:start + n], row["loss_mask"][start:start + n]
+            start += n
+            if s == "<pad>":
+                continue
+            answer = [i for i, m in zip(ids, mask, strict=False) if m]
+            key = int(hf_tok.decode(answer).strip(" ."))
+            prompt = ids[:len(ids) - len(answer) - 1]
+            assert ids[-1] == EOS and mask[len(prompt):len(prompt) + len(answer)] == [1] * len(answer)
+            units = hf_tok.decode(prompt).count("The grass is green")
+            depth_units = hf_tok.decode(prompt).split("The pass key is")[0].count("The grass is green")
+            for length in range(len(prompt), len(prompt) + 60):  # the eval prompt with as many filler units
+                ref = build_prompt(hf_tok, length, depth_units / units if units else 0.0, key)
+                if ref.input_ids == prompt:
+                    break
+            else:
+                raise AssertionError(f"sample with key {key} is not an eval prompt: {hf_tok.decode(prompt)!r}")
+            lengths.append(len(prompt))
+    assert len(lengths) == 6 and all(100 - 40 <= n <= 300 for n in lengths) and len(set(lengths)) > 1
+
+    src[0]["loss"] = "all"
+    ds, _ = run(tok_dir, tmp_path, src, seq_len=512, strategy="bfd", name="all")
+    for row in ds:
+        real = sum(n for n, s in zip(row["doc_lens"], row["source"], strict=False) if s != "<pad>")
+        assert sum(row["loss_mask"]) == real
+
+
+def test_text_documents_mixed_with_synthetic_ones_keep_their_loss(tok_dir, tmp_path):
+    """A loss_mask column exists once a synthetic source is mixed in; text documents stay all targets."""
+    src = [{"type": "embedded", "name": "text", "weight": {"tokens": 3000}},
+           {"type": "passkey", "name": "pk", "samples": 3, "length_tokens": 200}]
+    ds, _ = run(tok_dir, tmp_path, src, seq_len=512, strategy="bfd")
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in ds:
+        start = 0
+        for n, s in zip(row["doc_lens"], row["source"], strict=False):
+            per_source[s][0] += sum(row["loss_mask"][start:start + n])
+            per_source[s][1] += n
+            start += n
+    assert per_source["text"][0] == per_source["text"][1] > 0
+    assert 0 < per_source["pk"][0] < per_source["pk"][1] / 10
+
+
+def test_synthetic_length_range_is_checked(tok_dir, tmp_path):
+    src = [{"type": "passkey", "name": "pk", "samples": 2, "min_length_tokens": 400, "length_tokens": 300}]
+    with pytest.raises(Exception, match="min_length_tokens 400 is larger than length_tokens 300"):
+        run(tok_dir, tmp_path, src)
+
+
 def test_shards_merge_to_every_document_once(tok_dir, tokenizer, tmp_path, mixed_inputs):
     root, texts = mixed_inputs
     src = [{"type": "jsonl", "name": "j", "paths": [str(root / "a.jsonl")]}]

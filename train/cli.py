@@ -23,6 +23,7 @@ NOT_YET = {
 }
 
 DELEGATED = {
+    "demo": ("longtune.train.demo", "the main job: prep → extend (PI, YaRN; sp = 2) → evaluate → comparison"),
     "prep": ("longtune.data_prep.cli", "build a packed long-document corpus from a prep config"),
     "eval": ("longtune.train.evaluate.cli", "long-context evaluation: passkey, needle, perplexity vs length"),
     "longrope-search": ("longtune.train.longrope", "evolutionary search of LongRoPE rescale factors"),
@@ -43,9 +44,10 @@ def preflight(recipe) -> None:
     from .recipe import RecipeError
 
     resolve_model_source(recipe.model.name_or_path)
-    if recipe.data.path is not None and not Path(recipe.data.path).is_dir():
-        raise RecipeError(f"data.path {recipe.data.path!r} is not a directory (expected the output of "
-                          "`longtune prep`)")
+    for data_path in {r.data.path for r in [recipe, *map(recipe.stage_recipe, range(len(recipe.stages)))]}:
+        if data_path is not None and not Path(data_path).is_dir():
+            raise RecipeError(f"data.path {data_path!r} is not a directory (expected the output of "
+                              "`longtune prep`)")
     ds_config = recipe.parallel.deepspeed.config
     if recipe.parallel.backend == "deepspeed" and ds_config and not Path(ds_config).is_file():
         raise RecipeError(f"parallel.deepspeed.config {ds_config!r} does not exist")
@@ -88,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not getattr(exc, "user_facing", False):
             raise
         return _fail(str(exc))
-    nproc = recipe.process_count()
+    nproc = (recipe.stage_recipe(0) if recipe.stages else recipe).process_count()  # stages share one launch
     if "WORLD_SIZE" not in os.environ and nproc > 1:
         return relaunch_under_torchrun(nproc, [args.recipe, *args.overrides])
     return worker_main([args.recipe, *args.overrides], exit_hard=False)
@@ -124,7 +126,12 @@ def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
     try:
         recipe = load_recipe(argv[0], argv[1:])
         preflight(recipe)
-        run_training(recipe)
+        if recipe.stages:
+            from .stages import run_stages
+
+            run_stages(recipe)
+        else:
+            run_training(recipe)
         code = 0
     except Exception as exc:
         if not getattr(exc, "user_facing", False):
@@ -190,6 +197,9 @@ def _quiet_cpu_environment() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_cpu_environment()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:  # their own parsers take every argument, options first included
+        return _delegate(DELEGATED[argv[0]][0])(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

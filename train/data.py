@@ -2,13 +2,14 @@
 seeded order that depends only on (seed, step), never on the number of ranks.
 
 A row becomes model inputs here: labels are shifted on the full row (a label never crosses a
-document boundary), position ids restart at every boundary, and short rows are right-padded with
-ignored labels.
+document boundary), position ids restart at every boundary (with PoSE they also skip ahead inside a
+document), and short rows are right-padded with ignored labels.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +91,60 @@ class MicroBatch:
                           self.real_mask)
 
 
+def pose_positions(length: int, target_length: int, chunks: int, rng: random.Random) -> list[int]:
+    """PoSE position ids (Zhu et al. 2023) for one document of `length` tokens.
+
+    The document is cut into `chunks` contiguous chunks at uniformly drawn points (every chunk at least one
+    token); chunk i keeps consecutive positions shifted by a skip u_i, with u_0 = 0 and u_i drawn uniformly
+    from [u_{i-1}, target_length - length] as in the paper. Positions therefore start at 0, increase
+    strictly, count up by one inside a chunk, and stay below `target_length`."""
+    n = min(chunks, length)
+    room = target_length - length
+    if n < 2 or room <= 0:
+        return list(range(length))
+    cuts = [0, *sorted(rng.sample(range(1, length), n - 1)), length]
+    positions, skip = [], 0
+    for i in range(n):
+        if i:
+            skip = rng.randint(skip, room)
+        positions.extend(range(cuts[i] + skip, cuts[i + 1] + skip))
+    return positions
+
+
+@dataclass(frozen=True)
+class PoseSpec:
+    """PoSE settings of a run: rows of train.seq_len whose positions span `target_length`."""
+
+    chunks: int
+    target_length: int
+    seed: int
+
+    def rng(self, stream_pos: int) -> random.Random:
+        """The skips of the row at `stream_pos` of the data stream: seeded by (seed, position) only, so
+        they do not depend on the number of ranks and repeat exactly on resume."""
+        return random.Random(f"pose:{self.seed}:{stream_pos}")
+
+
 def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: bool,
-                   loss_mask: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, labels, position_ids) for one packed row; labels are already shifted."""
+                   loss_mask: list[int] | None = None, pose: tuple[PoseSpec, random.Random] | None = None
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, position_ids) for one packed row; labels are already shifted.
+
+    With `pose`, every document (the whole row without document masking) gets PoSE positions."""
     labels = list(input_ids[1:]) + [IGNORE_INDEX]
     positions: list[int] = []
+
+    def doc_positions(n: int) -> list[int]:
+        return pose_positions(n, pose[0].target_length, pose[0].chunks, pose[1]) if pose else list(range(n))
+
     if document_masking:
         end = 0
         for n in doc_lens:
             end += n
             labels[end - 1] = IGNORE_INDEX  # the last token of a piece predicts nothing
-            positions.extend(range(n))
+            positions.extend(doc_positions(n))
     else:
-        positions = list(range(len(input_ids)))
+        positions = doc_positions(len(input_ids))
     if loss_mask is not None:
         # loss_mask marks the tokens that count as targets.
         labels = [lab if i + 1 < len(loss_mask) and loss_mask[i + 1] else IGNORE_INDEX
@@ -110,9 +152,12 @@ def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: 
     return list(input_ids), labels, positions
 
 
-def collate(rows: list[dict], pad_id: int, document_masking: bool) -> MicroBatch:
-    examples = [row_to_example(r["input_ids"], r["doc_lens"], document_masking, r.get("loss_mask"))
-                for r in rows]
+def collate(rows: list[dict], pad_id: int, document_masking: bool, pose: PoseSpec | None = None,
+            stream_positions: list[int] | None = None) -> MicroBatch:
+    """`stream_positions` (the rows' places in the data stream) seed PoSE's skips."""
+    examples = [row_to_example(r["input_ids"], r["doc_lens"], document_masking, r.get("loss_mask"),
+                               (pose, pose.rng(stream_positions[i])) if pose else None)
+                for i, r in enumerate(rows)]
     width = max(len(ids) for ids, _, _ in examples)
     ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
     lab_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -138,13 +183,13 @@ class StepBatches:
     """
 
     def __init__(self, corpus: datasets.Dataset, *, seed: int, global_batch: int, micro_batch: int,
-                 dp: int, dp_rank: int, pad_id: int, document_masking: bool) -> None:
+                 dp: int, dp_rank: int, pad_id: int, document_masking: bool, pose: PoseSpec | None = None) -> None:
         if len(corpus) == 0:
             raise DataError("the corpus has no rows")
         self.corpus, self.seed = corpus, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp, self.dp_rank = dp, dp_rank
-        self.pad_id, self.document_masking = pad_id, document_masking
+        self.pad_id, self.document_masking, self.pose = pad_id, document_masking, pose
         self._perms: dict[int, list[int]] = {}
 
     @property
@@ -165,5 +210,6 @@ class StepBatches:
         batches = []
         for m in range(0, per_rank, self.micro_batch):
             rows = [self.corpus[j] for j in indices[m:m + self.micro_batch]]
-            batches.append(collate(rows, self.pad_id, self.document_masking))
+            stream = list(range(start + m, start + m + len(rows)))
+            batches.append(collate(rows, self.pad_id, self.document_masking, self.pose, stream))
         return batches

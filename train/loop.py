@@ -12,6 +12,7 @@ from longtune.parallel.dims import (
     all_reduce_sum,
     barrier,
 )
+from longtune.parallel.pipeline import StageInputs
 from longtune.parallel.recompute import RecomputeSettings, activation_offload
 from longtune.parallel.tiling import lm_head_computes_loss
 
@@ -47,6 +48,7 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
                                     tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
                                     tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0),
         tp_sequence_parallel=par.tp_sequence_parallel,
+        pp_schedule=par.pp_schedule, pp_stages_per_rank=par.stages_per_rank,
     )
 
 
@@ -81,32 +83,46 @@ def run_training(recipe: Recipe) -> Path:
         logger.message(f"resumed from {found[1]} at step {start_step}")
     sp_text = f", sp {sp.ring}×{sp.ulysses} (ring × ulysses, {sp.layout})" if dims.sp > 1 else ""
     sp_text += f", tp {dims.tp}" if dims.tp > 1 else ""
+    if dims.pp > 1:
+        stages = f" × {recipe.parallel.stages_per_rank} stages" if recipe.parallel.stages_per_rank > 1 else ""
+        sp_text += f", pp {dims.pp}{stages} ({recipe.parallel.pp_schedule})"
     logger.message(f"world {world} (dp {dp}{sp_text}), backend {recipe.parallel.backend}, device {device.type}, "
                    f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
                    f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
 
     backend.train_mode()
+    # Under pipeline parallelism the last stage computes the loss: its ranks report loss and tokens.
+    reports = dims.coordinate(rank, "pp") == dims.pp - 1
     last = None
     for step in range(start_step, tr.max_steps):
         started = time.perf_counter()
         micro = [run.model_inputs(mb) for mb in batches.for_step(step)]
         local_tokens = sum(real for _, _, real in micro)
         count, = all_reduce_sum([sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in micro)], device)
-        count /= dims.tp  # every tp rank of a replica holds the same rows: the world sum counts them tp times
+        # Every tp rank and pipeline stage of a replica holds the same rows: the world sum counts them
+        # tp × pp times.
+        count /= dims.tp * dims.pp
         lr = backend.lr
-        local_loss = 0.0
-        for i, (inputs, labels, _) in enumerate(micro):
-            # Tiled loss: the model's lm_head returns the loss sum itself, computed in chunks (tiling.py).
-            tiled = recipe.memory.tiled_loss
-            with (activation_offload(recipe.memory.offload.activations),
-                  lm_head_computes_loss(labels if tiled else None, token_loss_sum)):
-                out = backend.forward(**inputs)
-            loss_sum = out if tiled else token_loss_sum(out, labels)
-            backend.backward(loss_sum * (backend.loss_multiplier / max(count, 1.0)),
-                             last_micro_batch=i == len(micro) - 1)
-            local_loss += loss_sum.item()
+        scale = backend.loss_multiplier / max(count, 1.0)
+        if dims.pp > 1:
+            # The schedule runs forward and backward of every micro-batch through the stages.
+            with activation_offload(recipe.memory.offload.activations):
+                local_loss = backend.pipeline_step([StageInputs(inputs, labels) for inputs, labels, _ in micro],
+                                                   token_loss_sum, scale)
+        else:
+            local_loss = 0.0
+            for i, (inputs, labels, _) in enumerate(micro):
+                # Tiled loss: the model's lm_head returns the loss sum itself, computed in chunks (tiling.py).
+                tiled = recipe.memory.tiled_loss
+                with (activation_offload(recipe.memory.offload.activations),
+                      lm_head_computes_loss(labels if tiled else None, token_loss_sum)):
+                    out = backend.forward(**inputs)
+                loss_sum = out if tiled else token_loss_sum(out, labels)
+                backend.backward(loss_sum * scale, last_micro_batch=i == len(micro) - 1)
+                local_loss += loss_sum.item()
         grad_norm = backend.step()
-        loss_total, tokens = (v / dims.tp for v in all_reduce_sum([local_loss, float(local_tokens)], device))
+        reported = [local_loss, float(local_tokens)] if reports else [0.0, 0.0]
+        loss_total, tokens = (v / dims.tp for v in all_reduce_sum(reported, device))
         elapsed = time.perf_counter() - started
         tokens_seen += int(tokens)
         if count == 0:

@@ -33,6 +33,17 @@ TINY_FLAVOURS: dict[str, dict[str, Any]] = {
 """Tiny flavours: 2 layers, hidden 128, 4 query / 2 KV heads; the vocabulary is the tokenizer's."""
 
 
+SHIPPED_MODELS = ("tiny-base-256",)
+"""Model dirs shipped with longtune under `recipes/models/` (weights, config, tokenizer, the recipe and
+metrics that produced them): `model.name_or_path: tiny-base-256` is the base model of the main job."""
+
+
+def shipped_model_dir(name: str) -> Path:
+    from .recipe import RECIPES_DIR
+
+    return RECIPES_DIR / "models" / name
+
+
 class ModelSourceError(ValueError):
     """The model named in the recipe cannot be found or used."""
 
@@ -53,10 +64,13 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
     """Check the recipe's model before any heavy work."""
     if name_or_path in TINY_FLAVOURS:
         return ModelSource(name_or_path, is_tiny=True)
+    if name_or_path in SHIPPED_MODELS:
+        name_or_path = str(shipped_model_dir(name_or_path))
     path = Path(name_or_path)
     if not path.is_dir():
         raise ModelSourceError(f"model.name_or_path {name_or_path!r} is neither a local model dir nor a "
-                               f"tiny flavour ({', '.join(TINY_FLAVOURS)}); longtune does not download")
+                               f"tiny flavour ({', '.join(TINY_FLAVOURS)}) nor a shipped model "
+                               f"({', '.join(SHIPPED_MODELS)}); longtune does not download")
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"model dir {name_or_path!r} has no config.json")
     return ModelSource(str(path), is_tiny=False)

@@ -23,7 +23,7 @@ from longtune.parallel.tensor_parallel import apply_tensor_parallel
 
 from .data import IGNORE_INDEX, StepBatches
 from .loss import token_loss_sum
-from .recipe import load_recipe
+from .recipe import RecipeError, load_recipe
 from .run_setup import RunSetup, setup_run
 
 
@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides + ["model.dtype=float32"])
+        if recipe.parallel.pp > 1:
+            # Each pipeline rank holds other parameters; the pp tests compare loss curves and exports instead.
+            raise RecipeError(f"longtune parity compares whole-model gradients: parallel.pp {recipe.parallel.pp} "
+                              "is not supported (compare `longtune train` loss curves instead)")
+        if recipe.extension.pose.chunks:
+            # The 1-process reference runs transformers' attention, which would cut every PoSE skip.
+            raise RecipeError("longtune parity's reference uses transformers' attention, which reads PoSE's "
+                              "position skips as document starts: run it without extension.pose")
     except Exception as exc:
         if getattr(exc, "user_facing", False):
             return _fail(str(exc))

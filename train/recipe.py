@@ -44,6 +44,13 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model dir.")
 
 
+class PoseSection(_Section):
+    chunks: int = Field(0, ge=0, description="PoSE (positional skip-wise training): split every document of "
+                        "a row into this many chunks whose position ids jump ahead by seeded random skips, so "
+                        "rows of train.seq_len cover positions up to extension.target_length (the paper uses "
+                        "2); 0: off.")
+
+
 class ExtensionSection(_Section):
     method: Literal["none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf"] = Field(
         "none", description="How positions are interpolated to reach target_length.")
@@ -54,6 +61,7 @@ class ExtensionSection(_Section):
     rope_theta: float | None = Field(None, gt=0, description="New RoPE base for `abf`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Method-specific rope parameters "
                                     "(e.g. beta_fast, low_freq_factor, short_factor).")
+    pose: PoseSection = Field(default_factory=PoseSection)
 
 
 class DataSection(_Section):
@@ -99,8 +107,21 @@ class ParallelSection(_Section):
     tp_sequence_parallel: bool = Field(True, description="With tp > 1, the norms and residual stream "
                                        "between blocks hold 1/tp of the sequence (reduce-scatter + "
                                        "all-gather); false: replicated (all-reduce).")
-    pp: int = Field(1, ge=1, description="Pipeline-parallel degree.")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree (native backend): the decoder layers "
+                    "split into pp × pp_stages_per_rank stages.")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        "1f1b", description="Pipeline schedule over the step's micro-batches (torch.distributed.pipelining).")
+    pp_stages_per_rank: int | None = Field(None, ge=1, description="Pipeline stages per rank; null: 2 for "
+                                           "interleaved_1f1b (which needs 2 or more), else 1 (the only value "
+                                           "gpipe and 1f1b take).")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pipeline rank runs (pp_stages_per_rank with its default filled in)."""
+        if self.pp_stages_per_rank is not None:
+            return self.pp_stages_per_rank
+        return 2 if self.pp_schedule == "interleaved_1f1b" else 1
 
     @property
     def model_parallel_size(self) -> int:
@@ -147,8 +168,10 @@ class TrainSection(_Section):
     seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps.")
     lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Shape after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Floor of the cosine or linear decay as a fraction "
+                                "of lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Shape after warmup: decay "
+                                                               "to min_lr_ratio × lr at max_steps, or constant.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
@@ -173,6 +196,81 @@ class LaunchSection(_Section):
                                        "null: dp × pp × sp × tp.")
 
 
+class StageGateSection(_Section):
+    length: int | None = Field(None, gt=0, description="Evaluation length in tokens; default: the stage's "
+                               "extension.target_length, else its train.seq_len.")
+    perplexity_below: float | None = Field(None, gt=0, description="Pass when the single-window perplexity of "
+                                           "the embedded long text at `length` is below this.")
+    passkey_at_least: float | None = Field(None, ge=0, le=1, description="Pass when the passkey accuracy at "
+                                           "`length` (needle depths 0, 0.5, 1) is at least this.")
+    texts: int = Field(2, ge=1, description="perplexity_below: texts averaged.")
+    trials: int = Field(3, ge=1, description="passkey_at_least: keys per depth.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.perplexity_below is not None or self.passkey_at_least is not None
+
+
+STAGE_FIXED_KEYS = ("model.name_or_path", "train.output_dir")
+"""Set by the stage runner: the previous stage's export, and train.output_dir/<stage name>."""
+
+
+class StageSection(_Section):
+    """One stage of a progressive run: recipe keys that differ from the recipe's own, an optional gate.
+
+    Recipe keys are written dotted (`train.max_steps: 200`) or as nested sections (`train: {max_steps:
+    200}`, which is what `stages.1.train.max_steps=200` on the command line makes); both become dotted
+    keys here."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run dir of the "
+                             "stage under train.output_dir; default stageN (N from 1).")
+    gate: StageGateSection = Field(default_factory=StageGateSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls.model_fields:
+                out[key] = value
+            elif "." not in key and not isinstance(_section_class(key), type):
+                raise ValueError(f"unknown key {key!r}; a stage holds name, gate and recipe keys, dotted "
+                                 "(train.max_steps: 10) or as sections (train: {max_steps: 10})")
+            else:
+                out.update(_flatten_section_keys(key, value))
+        return out
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The stage's recipe keys, dotted."""
+        return dict(self.model_extra or {})
+
+
+def _section_class(dotted: str) -> type[BaseModel] | None:
+    """The schema class of a recipe section path (`parallel.sp`), or None when it is no section."""
+    cls: type[BaseModel] = Recipe
+    for name in dotted.split("."):
+        field = cls.model_fields.get(name)
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)) or name == "stages":
+            return None
+        cls = ann
+    return cls
+
+
+def _flatten_section_keys(key: str, value: Any) -> dict[str, Any]:
+    """`parallel: {sp: {ring: 2}}` → {"parallel.sp.ring": 2}; values of non-section keys stay whole."""
+    if isinstance(value, dict) and _section_class(key) is not None:
+        out: dict[str, Any] = {}
+        for sub, sub_value in value.items():
+            out.update(_flatten_section_keys(f"{key}.{sub}", sub_value))
+        return out
+    return {key: value}
+
+
 class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     extension: ExtensionSection = Field(default_factory=ExtensionSection)
@@ -181,13 +279,16 @@ class Recipe(_Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     train: TrainSection = Field(default_factory=TrainSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+    stages: list[StageSection] = Field(default_factory=list, description="Progressive training: each stage "
+                                       "holds name, gate and the recipe keys it changes (dotted, e.g. "
+                                       "`train.max_steps: 200`), and trains from the previous stage's "
+                                       "exported model in train.output_dir/NAME; empty: one ordinary run.")
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Recipe:
         par, mem, ext, tr = self.parallel, self.memory, self.extension, self.train
         # Capabilities that later work items add are refused here, by name, rather than ignored.
         not_yet = {
-            "parallel.pp": par.pp > 1,
             # Tensor parallelism hooks lm_head's and the MLP's inputs; tiling under it is untested.
             "memory.tiled_loss with parallel.tp > 1": mem.tiled_loss and par.tp > 1,
             "memory.tiled_mlp with parallel.tp > 1": mem.tiled_mlp and par.tp > 1,
@@ -212,11 +313,21 @@ class Recipe(_Section):
             if par.tp > 1:
                 raise ValueError(f"parallel.tp {par.tp} needs parallel.backend=native: the deepspeed "
                                  "backend has no tensor parallelism")
+            if par.pp > 1:
+                raise ValueError(f"parallel.pp {par.pp} needs parallel.backend=native: the deepspeed "
+                                 "backend has no pipeline parallelism")
             if mem.offload.params and par.deepspeed.zero_stage != 3:
                 raise ValueError("memory.offload.params needs parallel.deepspeed.zero_stage=3, got "
                                  f"{par.deepspeed.zero_stage}")
             if mem.offload.optimizer and par.deepspeed.zero_stage == 0:
                 raise ValueError("memory.offload.optimizer needs parallel.deepspeed.zero_stage >= 1")
+        per_rank = par.pp_stages_per_rank
+        if par.pp_schedule == "interleaved_1f1b" and per_rank is not None and per_rank < 2:
+            raise ValueError(f"parallel.pp_schedule interleaved_1f1b needs parallel.pp_stages_per_rank >= 2, "
+                             f"got {per_rank}")
+        if par.pp_schedule != "interleaved_1f1b" and per_rank not in (None, 1):
+            raise ValueError(f"parallel.pp_stages_per_rank {per_rank} needs parallel.pp_schedule "
+                             f"interleaved_1f1b ({par.pp_schedule} runs one stage per rank)")
         if ext.method != "none" and ext.target_length is None and ext.factor is None:
             raise ValueError(f"extension.method={ext.method} needs extension.target_length or "
                              "extension.factor")
@@ -228,6 +339,14 @@ class Recipe(_Section):
         if ext.method == "none" and (ext.target_length or ext.factor or ext.rope_theta):
             raise ValueError("extension.target_length/factor/rope_theta are set but extension.method is "
                              "none")
+        if ext.pose.chunks == 1:
+            raise ValueError("extension.pose.chunks 1 has nothing to skip between: use 2 or more (0 turns PoSE "
+                             "off)")
+        if ext.pose.chunks and ext.method == "none":
+            raise ValueError("extension.pose simulates extension.target_length: it needs an extension.method")
+        if ext.pose.chunks and ext.target_length is not None and ext.target_length <= tr.seq_len:
+            raise ValueError(f"extension.pose: train.seq_len {tr.seq_len} already covers extension.target_length "
+                             f"{ext.target_length}; PoSE is for rows shorter than the target")
         if par.dp is not None:
             per_step = par.dp * tr.micro_batch_size
             if tr.global_batch_size % per_step:
@@ -238,9 +357,52 @@ class Recipe(_Section):
             if nproc is not None and nproc % (par.dp * par.model_parallel_size):
                 raise ValueError(f"launch.nproc_per_node {nproc} is not a multiple of dp × pp × sp × tp "
                                  f"(= {par.dp * par.model_parallel_size})")
+        self._check_stages()
         return self
 
+    def _check_stages(self) -> None:
+        names: dict[str, int] = {}
+        first = None
+        for index, stage in enumerate(self.stages):
+            fixed = sorted(set(stage.settings) & set(STAGE_FIXED_KEYS))
+            if fixed:
+                raise ValueError(f"stages.{index}: {', '.join(fixed)} is set by the stage runner (the first stage "
+                                 "trains the recipe's model, every later one the previous stage's export, "
+                                 "each in train.output_dir/<stage name>)")
+            name = self.stage_name(index)
+            if name in names:
+                raise ValueError(f"stages.{index}: name {name!r} is also the name of stages.{names[name]}")
+            names[name] = index
+            recipe = self.stage_recipe(index)
+            if not recipe.train.export:
+                raise ValueError(f"stages.{index} ({name}): train.export=false, but the next stage and the "
+                                 "result are the exported model")
+            first = first or recipe
+            if recipe.process_count() != first.process_count():
+                raise ValueError(f"stages.{index} ({name}) runs on {recipe.process_count()} processes, stages.0 "
+                                 f"on {first.process_count()}: all stages run in one launch, so their "
+                                 "dp × pp × sp × tp (or launch.nproc_per_node) must match")
+
     # -- derived values -------------------------------------------------------------------------
+
+    def stage_name(self, index: int) -> str:
+        return self.stages[index].name or f"stage{index + 1}"
+
+    def stage_recipe(self, index: int) -> Recipe:
+        """Stage `index` as an ordinary recipe: this one without `stages`, the stage's keys applied, its run
+        dir train.output_dir/<stage name>. The model is still this recipe's; the stage runner chains it."""
+        name = self.stage_name(index)
+        data = self.model_dump(mode="json", exclude={"stages"})
+        for key, value in self.stages[index].settings.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise RecipeError(f"stages.{index} ({name}): {key}: {part} is not a section")
+            node[last] = value
+        data["train"]["output_dir"] = str(Path(self.train.output_dir) / name)
+        return recipe_from_dict(data, source=f"stages.{index} ({name})")
 
     def data_parallel_size(self, world_size: int) -> int:
         """The dp degree for `world_size` processes; raises RecipeError naming the numbers."""
@@ -320,7 +482,8 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return unknown_key_message(loc, _valid_keys(loc[:-1]))
     if err["type"] == "value_error":
-        return err["msg"].removeprefix("Value error, ")
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {msg}" if loc else msg  # loc is empty for the recipe-level cross-field checks
     got = err.get("input")
     return f"{where}: {err['msg']} (got {got!r})"
 
@@ -328,7 +491,11 @@ def _describe(err: dict[str, Any]) -> str:
 def _valid_keys(section_path: list[str]) -> list[str]:
     cls: type[BaseModel] = Recipe
     for name in section_path:
+        if name.isdigit():  # an index into a list of sections (stages.1)
+            continue
         ann = cls.model_fields[name].annotation
+        if get_origin(ann) is list and get_args(ann):
+            ann = get_args(ann)[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         cls = ann
@@ -352,6 +519,9 @@ def recipe_reference_markdown() -> str:
                 kind = (getattr(ann, "__name__", None) or str(ann).replace("typing.", "")).replace("|", "\\|")
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"| `{prefix}{name}` | {kind} | `{shown}` | {field.description or ''} |")
+            item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                walk(item, f"{prefix}{name}[].")  # the keys of every list item
 
     walk(Recipe, "")
     return "\n".join(lines) + "\n"

@@ -11,11 +11,13 @@ import datasets
 import torch
 
 from longtune.parallel.dims import ParallelDims, build_mesh, device_for, init_process_group, launched_world
+from longtune.parallel.pipeline import pipeline_problem
+from longtune.parallel.sharding import pad_to_multiple
 from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION as SP_ATTENTION
 from longtune.parallel.sp_input import shard_micro_batch
 from longtune.parallel.tensor_parallel import tensor_parallel_problem
 
-from .data import MicroBatch, StepBatches, load_corpus
+from .data import MicroBatch, PoseSpec, StepBatches, load_corpus
 from .extension import apply_extension, plan_extension
 from .model import ModelSource, build_config, build_model, resolve_model_source
 from .recipe import Recipe, RecipeError
@@ -48,7 +50,9 @@ class RunSetup:
     def model_inputs(self, mb: MicroBatch) -> tuple[dict, torch.Tensor, int]:
         """(forward kwargs on the device, shifted labels, real tokens) of this rank's part of `mb`."""
         sp = self.recipe.parallel.sp
-        if self.dims.sp == 1:
+        if self.dims.pp > 1:
+            mb = self._pad_to_seq_len(mb)
+        if self.dims.sp == 1 and self.batches.pose is None:
             inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids}
             labels, real = mb.labels, mb.real_tokens
         else:
@@ -61,6 +65,18 @@ class RunSetup:
         moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return moved, labels.to(self.device), real
 
+    def _pad_to_seq_len(self, mb: MicroBatch) -> MicroBatch:
+        """Rows padded to `train.seq_len` (ignored labels, positions of their own document): pipeline
+        stages exchange activations of one fixed shape for the whole run."""
+        seq_len = self.recipe.train.seq_len
+        width = mb.input_ids.shape[1]
+        if width >= seq_len:
+            return mb
+        input_ids, labels, position_ids, extra = pad_to_multiple(mb.input_ids, mb.labels, mb.position_ids,
+                                                                 seq_len, self.pad_id)
+        real = torch.cat([mb.real_mask, torch.zeros(mb.real_mask.shape[0], extra, dtype=torch.bool)], dim=1)
+        return MicroBatch(input_ids, labels, position_ids, real)
+
 
 def setup_run(recipe: Recipe) -> RunSetup:
     """Validate the world against the recipe, join the process group and build everything but the model."""
@@ -69,7 +85,8 @@ def setup_run(recipe: Recipe) -> RunSetup:
     if world > 1 or (recipe.parallel.backend == "native" and recipe.parallel.fsdp):
         init_process_group()
     sp = recipe.parallel.sp
-    dims = ParallelDims(world, dp=dp, sp_ring=sp.ring, sp_ulysses=sp.ulysses, tp=recipe.parallel.tp)
+    dims = ParallelDims(world, dp=dp, pp=recipe.parallel.pp, sp_ring=sp.ring, sp_ulysses=sp.ulysses,
+                        tp=recipe.parallel.tp)
     device = device_for(local_rank)
     tr = recipe.train
     torch.manual_seed(tr.seed)
@@ -83,6 +100,16 @@ def setup_run(recipe: Recipe) -> RunSetup:
         plan = plan_extension(config, ext.method, ext.target_length, ext.original_length, ext.factor,
                               ext.rope_theta, ext.options)
         apply_extension(config, plan)
+    pose = None
+    if ext.pose.chunks:
+        if tr.seq_len >= plan.target_length:
+            raise RecipeError(f"extension.pose: train.seq_len {tr.seq_len} already covers the target length "
+                              f"{plan.target_length}; PoSE is for rows shorter than the target")
+        if dims.pp > 1:
+            raise RecipeError("extension.pose with parallel.pp > 1: not available yet in this version of longtune")
+        pose = PoseSpec(ext.pose.chunks, plan.target_length, tr.seed)
+        log.info("PoSE: rows of %d tokens, %d chunks per document, position ids below %d", tr.seq_len,
+                 pose.chunks, pose.target_length)
     tp_problem = tensor_parallel_problem(config, dims.tp)
     if tp_problem:
         raise RecipeError(tp_problem)
@@ -99,12 +126,19 @@ def setup_run(recipe: Recipe) -> RunSetup:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = StepBatches(corpus, seed=tr.seed, global_batch=tr.global_batch_size,
                           micro_batch=tr.micro_batch_size, dp=dp, dp_rank=dims.coordinate(rank, "dp"),
-                          pad_id=pad_id, document_masking=recipe.data.document_masking)
+                          pad_id=pad_id, document_masking=recipe.data.document_masking, pose=pose)
+    par = recipe.parallel
+    pp_problem = pipeline_problem(config, dims.pp, par.stages_per_rank, par.pp_schedule, batches.grad_accum)
+    if pp_problem:
+        raise RecipeError(pp_problem)
 
     attn = recipe.model.attn_implementation
     sp_groups: dict = {}
+    if dims.sp > 1 or pose is not None:
+        # The model's own code runs on its shard; attention goes through the ring. PoSE uses this path on one
+        # process too: transformers (sdpa, eager) would read its position skips as document starts.
+        attn = SP_ATTENTION
     if dims.sp > 1:
-        attn = SP_ATTENTION  # the model's own code runs on its shard; attention goes through the ring
         mesh = build_mesh(dims, device.type)
         sp_groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
     return RunSetup(recipe, rank, world, dims, device, source, tokenizer, config, corpus, pad_id, batches,

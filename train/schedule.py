@@ -1,4 +1,4 @@
-"""The learning-rate schedule: linear warmup, then cosine decay to a floor, or constant."""
+"""The learning-rate schedule: linear warmup, then cosine or linear decay to a floor, or constant."""
 
 from __future__ import annotations
 
@@ -22,4 +22,6 @@ class LRSchedule:
             return 1.0
         span = max(1, self.max_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.shape == "linear":  # YaRN's and LongRoPE's get_linear_schedule_with_warmup (with min_ratio 0)
+            return self.min_ratio + (1 - self.min_ratio) * (1 - progress)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -55,7 +55,7 @@ def _choices(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="longtune eval", description="Long-context evaluation of an HF model dir.")
-    p.add_argument("model_dir", help="HF model dir (config.json, weights, tokenizer)")
+    p.add_argument("model_dir", help="HF model dir (config.json, weights, tokenizer) or a shipped model name")
     p.add_argument("--lengths", help="comma-separated context lengths in tokens (default: M/4, M/2, M, 2M with "
                    "M = max_position_embeddings)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions (default %(default)s)")
@@ -81,7 +81,9 @@ def _default_out(model_dir: Path) -> Path:
 
 
 def _validate(args) -> dict:
-    model_dir = Path(args.model_dir)
+    from longtune.train.model import SHIPPED_MODELS, shipped_model_dir
+
+    model_dir = shipped_model_dir(args.model_dir) if args.model_dir in SHIPPED_MODELS else Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise EvalError(f"model dir {str(model_dir)!r} does not exist or has no config.json")
     if args.trials < 1 or args.ppl_texts < 1 or args.stride < 1:

@@ -8,16 +8,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from longtune.data_prep.synthetic import LANDMARK_MAX_KEY, landmark_prompt
+
 from .common import EvalError, LoadedModel, encode, greedy_generate
-
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = " What is the pass key? The pass key is"
-
-
-def needle_text(key: int) -> str:
-    return f" The pass key is {key}. Remember it. {key} is the pass key."
 
 
 @dataclass(frozen=True)
@@ -32,19 +25,12 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
     """A prompt of at most `length` tokens (BOS included) with the needle after `depth` of the filler.
 
     The filler is whole Landmark sentences repeated; the total length is within one filler sentence
-    of `length`."""
+    of `length`. The format is data_prep's (`landmark_prompt`), so prepared passkey samples match it."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head, needle, tail = encode(tokenizer, TASK), encode(tokenizer, needle_text(key)), encode(tokenizer, QUESTION)
-    unit = encode(tokenizer, FILLER)
-    fixed = len(bos) + len(head) + len(needle) + len(tail)
-    budget = length - fixed
-    if budget < 0:
-        raise EvalError(f"passkey length {length} is shorter than the prompt without filler ({fixed} tokens)")
-    n_units = budget // len(unit)
-    before = round(n_units * depth)
-    ids = bos + head + unit * before
-    start = len(ids)
-    ids += needle + unit * (n_units - before) + tail
+    try:
+        ids, start = landmark_prompt(lambda text: encode(tokenizer, text), bos, length, depth, key)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     return PasskeyPrompt(ids, key, start)
 
 
@@ -62,7 +48,7 @@ def run_passkey(lm: LoadedModel, lengths: list[int], depths: list[float], trials
             rng = random.Random(f"{seed}-{length}-{depth}")
             hits, samples = 0, []
             for _ in range(trials):
-                key = rng.randint(1, 50000)
+                key = rng.randint(1, LANDMARK_MAX_KEY)
                 prompt = build_prompt(lm.tokenizer, length, depth, key)
                 answer = greedy_generate(lm, prompt.input_ids, max_new_tokens)
                 ok = first_integer(answer) == key
