@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import longtune
 from longtune.train.evaluate.common import load_model
 from longtune.train.evaluate.passkey import run_passkey
 from longtune.train.model import shipped_model_dir
-
-from .conftest import longtune
 
 BASE = shipped_model_dir("tiny-base-256")
 

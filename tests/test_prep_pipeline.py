@@ -53,6 +53,17 @@ def make_docs(n: int, seed: int) -> list[str]:
     return docs
 
 
+def packed_documents(ds):
+    """(source, ids, loss_mask) of every non-padding document piece of a packed corpus, in row order."""
+    for row in ds:
+        start = 0
+        for n, s in zip(row["doc_lens"], row["source"], strict=False):
+            ids, mask = row["input_ids"][start:start + n], row["loss_mask"][start:start + n]
+            start += n
+            if s != "<pad>":
+                yield s, ids, mask
+
+
 def run(tok_dir, tmp_path, sources, **kw) -> tuple[datasets.Dataset, dict]:
     cfg = {"output": str(tmp_path / kw.pop("name", "out")), "tokenizer": str(tok_dir), "seq_len": 512,
            "progress": False, "plots": False, "sources": sources, **kw}
@@ -176,21 +187,15 @@ def test_synthetic_passkey_and_needles(tok_dir, tokenizer, tmp_path):
     ds, meta = run(tok_dir, tmp_path, src, seq_len=1024, strategy="bfd")
     assert "loss_mask" in ds.column_names
     seen = 0
-    for row in ds:
-        start = 0
-        for n, s in zip(row["doc_lens"], row["source"], strict=False):
-            ids, mask = row["input_ids"][start:start + n], row["loss_mask"][start:start + n]
-            start += n
-            if s == "<pad>":
-                continue
-            answer = tokenizer.decode([i for i, m in zip(ids, mask, strict=False) if m])
-            prompt = tokenizer.decode([i for i, m in zip(ids, mask, strict=False) if not m])
-            values = [v.strip(" .") for v in answer.split(",")]
-            assert values and all(v.isdigit() for v in values), answer
-            for v in values:  # each answer is hidden in the haystack, and is the only target
-                assert v in prompt
-            assert mask[0] == 0 and mask[-1] == 0  # BOS and EOS are not targets
-            seen += 1
+    for _, ids, mask in packed_documents(ds):
+        answer = tokenizer.decode([i for i, m in zip(ids, mask, strict=False) if m])
+        prompt = tokenizer.decode([i for i, m in zip(ids, mask, strict=False) if not m])
+        values = [v.strip(" .") for v in answer.split(",")]
+        assert values and all(v.isdigit() for v in values), answer
+        for v in values:  # each answer is hidden in the haystack, and is the only target
+            assert v in prompt
+        assert mask[0] == 0 and mask[-1] == 0  # BOS and EOS are not targets
+        seen += 1
     assert seen == 6
 
 
@@ -207,26 +212,20 @@ def test_landmark_passkey_samples_are_the_eval_prompt(tok_dir, tmp_path):
             "length_tokens": 300}]
     ds, _ = run(tok_dir, tmp_path, src, seq_len=512, strategy="bfd")
     lengths = []
-    for row in ds:
-        start = 0
-        for n, s in zip(row["doc_lens"], row["source"], strict=False):
-            ids, mask = row["input_ids"][start:start + n], row["loss_mask"][start:start + n]
-            start += n
-            if s == "<pad>":
-                continue
-            answer = [i for i, m in zip(ids, mask, strict=False) if m]
-            key = int(hf_tok.decode(answer).strip(" ."))
-            prompt = ids[:len(ids) - len(answer) - 1]
-            assert ids[-1] == EOS and mask[len(prompt):len(prompt) + len(answer)] == [1] * len(answer)
-            units = hf_tok.decode(prompt).count("The grass is green")
-            depth_units = hf_tok.decode(prompt).split("The pass key is")[0].count("The grass is green")
-            for length in range(len(prompt), len(prompt) + 60):  # the eval prompt with as many filler units
-                ref = build_prompt(hf_tok, length, depth_units / units if units else 0.0, key)
-                if ref.input_ids == prompt:
-                    break
-            else:
-                raise AssertionError(f"sample with key {key} is not an eval prompt: {hf_tok.decode(prompt)!r}")
-            lengths.append(len(prompt))
+    for _, ids, mask in packed_documents(ds):
+        answer = [i for i, m in zip(ids, mask, strict=False) if m]
+        key = int(hf_tok.decode(answer).strip(" ."))
+        prompt = ids[:len(ids) - len(answer) - 1]
+        assert ids[-1] == EOS and mask[len(prompt):len(prompt) + len(answer)] == [1] * len(answer)
+        units = hf_tok.decode(prompt).count("The grass is green")
+        depth_units = hf_tok.decode(prompt).split("The pass key is")[0].count("The grass is green")
+        for length in range(len(prompt), len(prompt) + 60):  # the eval prompt with as many filler units
+            ref = build_prompt(hf_tok, length, depth_units / units if units else 0.0, key)
+            if ref.input_ids == prompt:
+                break
+        else:
+            raise AssertionError(f"sample with key {key} is not an eval prompt: {hf_tok.decode(prompt)!r}")
+        lengths.append(len(prompt))
     assert len(lengths) == 6 and all(100 - 40 <= n <= 300 for n in lengths) and len(set(lengths)) > 1
 
     src[0]["loss"] = "all"
@@ -242,12 +241,9 @@ def test_text_documents_mixed_with_synthetic_ones_keep_their_loss(tok_dir, tmp_p
            {"type": "passkey", "name": "pk", "samples": 3, "length_tokens": 200}]
     ds, _ = run(tok_dir, tmp_path, src, seq_len=512, strategy="bfd")
     per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for row in ds:
-        start = 0
-        for n, s in zip(row["doc_lens"], row["source"], strict=False):
-            per_source[s][0] += sum(row["loss_mask"][start:start + n])
-            per_source[s][1] += n
-            start += n
+    for source, ids, mask in packed_documents(ds):
+        per_source[source][0] += sum(mask)
+        per_source[source][1] += len(ids)
     assert per_source["text"][0] == per_source["text"][1] > 0
     assert 0 < per_source["pk"][0] < per_source["pk"][1] / 10
 
