@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PARITY_ARGS, assert_close_curves, longtune, losses, metrics
+from conftest import PARITY_ARGS, assert_close_curves, assert_same_export, longtune, losses, metrics
 
 pytestmark = pytest.mark.multiproc
 
@@ -29,18 +29,6 @@ def test_two_processes_match_one(layout, reference_run, tmp_path):
     assert_close_curves(losses(tmp_path), losses(reference_run), rel=1e-4)
     assert [m["tokens"] for m in metrics(tmp_path)] == [m["tokens"] for m in metrics(reference_run)]
     if layout in ("fsdp2", "zero3-offload"):
-        _assert_same_export(tmp_path / "model", reference_run / "model")
+        assert_same_export(tmp_path / "model", reference_run / "model")
 
 
-def _assert_same_export(got_dir, want_dir):
-    """Sharded runs export the full trained weights. Adam turns summation-order noise in the tiny
-    gradients of rare embedding rows into differences of a few % of one LR step, hence atol 1e-4
-    (unsharded values are ~1e-2; a missing gather would be off by that much)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    got = AutoModelForCausalLM.from_pretrained(got_dir).state_dict()
-    want = AutoModelForCausalLM.from_pretrained(want_dir).state_dict()
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PARITY_ARGS, assert_close_curves, longtune, losses, metrics
+from conftest import PARITY_ARGS, assert_close_curves, assert_same_export, longtune, losses, metrics
 
 FOUR_LAYERS = "model.config_overrides.num_hidden_layers=4"
 
@@ -19,18 +19,6 @@ def _assert_same_curve(got, want):
     assert_close_curves(losses(got), losses(want), rel=1e-5)
     # The last stage reports; every token is counted once, however many stages hold its row.
     assert [m["tokens"] for m in metrics(got)] == [m["tokens"] for m in metrics(want)]
-
-
-def _assert_same_export(got_dir, want_dir):
-    """The stages' weights gathered into one HF model. atol 1e-4 as in test_parallel_backends: Adam turns
-    summation-order noise in the gradients of a few rare embedding rows into a few % of one LR step."""
-    from transformers import AutoModelForCausalLM
-
-    got = AutoModelForCausalLM.from_pretrained(got_dir).state_dict()
-    want = AutoModelForCausalLM.from_pretrained(want_dir).state_dict()
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +36,7 @@ def test_pp2_1f1b_curve_and_export_equal_one_process(reference_run, tmp_path):
     proc = longtune("train", *PARITY_ARGS, "parallel.pp=2", f"train.output_dir={tmp_path}", timeout=150)
     assert "world 2 (dp 1, pp 2 (1f1b))" in proc.stderr
     _assert_same_curve(tmp_path, reference_run)
-    _assert_same_export(tmp_path / "model", reference_run / "model")
+    assert_same_export(tmp_path / "model", reference_run / "model")
 
 
 @pytest.mark.multiproc
@@ -87,7 +75,7 @@ MIXES = {
     "tp2": ["parallel.tp=2"],  # TP with sequence-parallel norms: stages exchange the local sequence shards
     "ring2-gpipe": ["parallel.sp.ring=2", "parallel.pp_schedule=gpipe"],
     # Ulysses 2 without pp moves one element of a rare embedding row by 3e-4 after 5 steps too (the Adam
-    # effect of _assert_same_export): the export is not compared here.
+    # effect of assert_same_export): the export is not compared here.
     "ulysses2": ["parallel.sp.ulysses=2", "train.export=false"],
 }
 
@@ -99,7 +87,7 @@ def test_four_process_mixes_equal_one_process(mix, reference_run, tmp_path):
     longtune("train", *PARITY_ARGS, "parallel.pp=2", *MIXES[mix], f"train.output_dir={tmp_path}", timeout=250)
     _assert_same_curve(tmp_path, reference_run)
     if "train.export=false" not in MIXES[mix]:
-        _assert_same_export(tmp_path / "model", reference_run / "model")
+        assert_same_export(tmp_path / "model", reference_run / "model")
 
 
 @pytest.mark.slow
