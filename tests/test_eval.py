@@ -6,16 +6,27 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port, longtune, run
 from longtune.data_prep.synthetic import LANDMARK_FILLER
+from longtune.parallel.sharding import padding_multiple
 from longtune.train.evaluate import needle, passkey
 from longtune.train.evaluate.cli import main
-from longtune.train.evaluate.common import load_model
-from longtune.train.evaluate.perplexity import sliding_nll, sliding_windows, token_nll
+from longtune.train.evaluate.common import load_model, long_text_documents
+from longtune.train.evaluate.perplexity import (
+    PROTOCOLS,
+    local_window_score,
+    run_perplexity,
+    sliding_nll,
+    sliding_windows,
+    token_nll,
+)
+from longtune.train.evaluate.sequence_parallel import sp_degrees
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +46,7 @@ def test_sliding_windows_score_every_token_once(n, window, stride):
 def test_sliding_nll_equals_token_by_token_reference(lm):
     ids = list(range(3, 43))
     window, stride = 16, 6
-    got_sum, got_count = sliding_nll(lm.model, ids, window, stride, lm.device)
+    got_sum, got_count = sliding_nll(local_window_score(lm.model, lm.device), ids, window, stride)
     # Press et al.: token t is scored by the first window [k·stride, k·stride + W) that contains it, and
     # sees that window's tokens before it as context.
     ref = []
@@ -142,6 +153,11 @@ def test_eval_cli_writes_json_markdown_and_plots(tiny_model_dir, tmp_path, capsy
     (["{model}", "--tasks", "passkey,ruler"], "unknown ruler; valid: passkey, needle, ppl"),
     (["{model}", "--lengths", "40", "--tasks", "passkey"], "shorter than the prompt without filler"),
     (["{model}", "--bogus"], "unrecognized arguments: --bogus"),
+    (["{model}", "--sp", "3", "--sp-impl", "ulysses"], "4 query heads are not divisible by the Ulysses degree 3"),
+    (["{model}", "--sp", "2", "--tasks", "passkey,ppl"], "--sp 2 supports --tasks ppl only (passkey:"),
+    (["{model}", "--sp", "0"], "--sp must be at least 1"),
+    (["{model}", "--sp", "2", "--sp-impl", "tree"], "invalid choice: 'tree'"),
+    (["{model}", "--sp", "2", "--lengths", "10000000"], "the evaluation text has only"),
 ])
 def test_eval_cli_errors(tiny_model_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -150,3 +166,40 @@ def test_eval_cli_errors(tiny_model_dir, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("longtune: error:") and message in err[-1]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- sequence parallelism (--sp)
+
+SP_LENGTHS = (101, 203)
+"""Odd: every window (sliding ones included) is padded to the layout's multiple."""
+
+
+@pytest.fixture(scope="module")
+def one_process_points(lm) -> dict:
+    res = run_perplexity(lm, list(SP_LENGTHS), list(PROTOCOLS), long_text_documents(), 1, 64)
+    return {(p["protocol"], p["length"]): p for p in res["points"]}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("impl", ["zigzag", "ulysses"])
+def test_eval_sp_perplexity_equals_one_process(tiny_model_dir, tmp_path, one_process_points, impl):
+    ring, ulysses, layout = sp_degrees(impl, 2)
+    assert all(n % padding_multiple(layout, ring, ulysses) for n in SP_LENGTHS)
+    out = tmp_path / "eval"
+    args = [str(tiny_model_dir), "--lengths", ",".join(map(str, SP_LENGTHS)), "--ppl-texts", "1", "--stride",
+            "64", "--sp", "2", "--sp-impl", impl, "--out", str(out), "--no-progress"]
+    if impl == "zigzag":  # as a user runs it: longtune starts the 2 processes itself
+        longtune("eval", *args, timeout=120)
+    else:  # under a launcher that already started them
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), "-m", "longtune.train.evaluate.cli", *args], timeout=120)
+    res = json.loads((out / "results.json").read_text())
+    assert "passkey" not in res and "needle" not in res  # --sp defaults to --tasks ppl
+    points = res["perplexity"]["points"]
+    assert {(p["protocol"], p["length"]) for p in points} == set(one_process_points)
+    for p in points:
+        want = one_process_points[(p["protocol"], p["length"])]
+        assert p["tokens_scored"] == want["tokens_scored"]
+        assert math.isclose(p["nll"], want["nll"], rel_tol=1e-5), (p, want)
+    assert all(f"sp=2 ({impl})" in note for note in res["perplexity"]["protocols"].values())
+    assert f"sp=2 ({impl})" in (out / "results.md").read_text()

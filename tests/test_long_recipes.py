@@ -34,13 +34,16 @@ MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=1433
 
 # recipe → (shipped config, tiny flavour, rope parameters after extension, max_position_embeddings, trains in
 # the default suite; the others are `slow`). Llama 3.1's expected rope is its own shipped llama3 scaling:
-# the recipe reproduces it.
+# the recipe reproduces it; its YaRN variant rescales from the 8K pre-training length instead.
 REAL = {
     "llama2-7b-pi-32k": (LLAMA2_7B, "tiny-llama",
                          {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}, 32768, True),
     "llama3.1-8b-128k": (LLAMA31_8B, "tiny-llama",
                          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 8192, "rope_theta": 500000.0}, 131072, False),
+    "llama3.1-8b-yarn-128k": (LLAMA31_8B, "tiny-llama",
+                              {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192,
+                               "rope_theta": 500000.0}, 131072, False),
     "qwen2.5-7b-yarn-128k": (QWEN25_7B, "tiny-qwen2",
                              {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
                               "rope_theta": 1000000.0}, 131072, False),

@@ -1,11 +1,13 @@
 """`longtune eval MODEL_DIR`: run the chosen evaluations and write JSON, Markdown and PNGs to --out.
 
 Output is written to a temporary sibling of --out and moved in place at the end, so a failed or
-interrupted run leaves no half-written results."""
+interrupted run leaves no half-written results. With `--sp N` it re-launches itself as N processes under
+torchrun (like `longtune train`) that score perplexity with sequence parallelism; rank 0 writes the output."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -14,10 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import EvalError, load_model, long_text_documents
-from .perplexity import PROTOCOLS
+from .common import EvalError, load_model, load_tokenizer, long_text_documents
+from .perplexity import PROTOCOLS, perplexity_texts
+from .sequence_parallel import SP_IMPLS, join_sequence_parallel, sp_problem
 
 TASKS = ("passkey", "needle", "ppl")
+SP_TASKS = ("ppl",)
+"""Tasks that run under --sp > 1; passkey and needle generate token by token on one process."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", help="comma-separated context lengths in tokens (default: M/4, M/2, M, 2M with "
                    "M = max_position_embeddings)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions (default %(default)s)")
-    p.add_argument("--tasks", default="passkey,needle,ppl", help="any of passkey,needle,ppl (default %(default)s)")
+    p.add_argument("--tasks", help="any of passkey,needle,ppl (default passkey,needle,ppl; with --sp > 1: ppl)")
     p.add_argument("--out", help="output dir (default: <run dir>/eval for a run's model/, else ./eval-<name>)")
     p.add_argument("--trials", type=int, default=5, help="passkey keys per cell (default %(default)s)")
     p.add_argument("--ppl-protocols", default="single_window,sliding",
@@ -70,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel processes for perplexity: each holds "
+                   "1/N of every window (default %(default)s: one process, no launcher)")
+    p.add_argument("--sp-impl", default="zigzag", choices=SP_IMPLS,
+                   help="ulysses: all-to-all over heads (N must divide them); ring / zigzag: ring attention "
+                   "over contiguous / causal-balanced chunks (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -86,8 +96,17 @@ def _validate(args) -> dict:
     model_dir = shipped_model_dir(args.model_dir) if args.model_dir in SHIPPED_MODELS else Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise EvalError(f"model dir {str(model_dir)!r} does not exist or has no config.json")
-    if args.trials < 1 or args.ppl_texts < 1 or args.stride < 1:
-        raise EvalError("--trials, --ppl-texts and --stride must be at least 1")
+    if args.trials < 1 or args.ppl_texts < 1 or args.stride < 1 or args.sp < 1:
+        raise EvalError("--trials, --ppl-texts, --stride and --sp must be at least 1")
+    tasks = _choices(args.tasks or ("ppl" if args.sp > 1 else ",".join(TASKS)), TASKS, "--tasks")
+    one_process = [t for t in tasks if t not in SP_TASKS]
+    if args.sp > 1 and one_process:
+        raise EvalError(f"--sp {args.sp} supports --tasks {','.join(SP_TASKS)} only ({', '.join(one_process)}: "
+                        "generation runs on one process; evaluate it with a separate `longtune eval` without --sp)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and world != args.sp:
+        raise EvalError(f"{world} processes were launched with --sp {args.sp}: `longtune eval --sp N` uses "
+                        "exactly N processes (it starts them itself when no launcher did)")
     texts = None
     if args.text:
         for f in args.text:
@@ -97,23 +116,50 @@ def _validate(args) -> dict:
     return {"model_dir": model_dir,
             "lengths": _ints(args.lengths) if args.lengths else None,
             "depths": _depths(args.depths),
-            "tasks": _choices(args.tasks, TASKS, "--tasks"),
+            "tasks": tasks,
             "protocols": _choices(args.ppl_protocols, PROTOCOLS, "--ppl-protocols"),
             "out": Path(args.out) if args.out else _default_out(model_dir),
             "texts": texts}
 
 
+def _check_before_launch(v: dict, args) -> None:
+    """What the --sp processes would reject, said here in one line before any of them starts."""
+    import torch
+    from transformers import AutoConfig
+
+    gpus = torch.cuda.device_count()
+    if args.device in ("auto", "cuda") and 0 < gpus < args.sp:
+        raise EvalError(f"--sp {args.sp} puts one process on each GPU, but {gpus} are visible; use --sp {gpus} "
+                        "or --device cpu")
+    config = AutoConfig.from_pretrained(v["model_dir"])
+    problem = sp_problem(config, args.sp_impl, args.sp)
+    if problem:
+        raise EvalError(problem)
+    lengths = v["lengths"] or default_lengths(config.max_position_embeddings)
+    perplexity_texts(load_tokenizer(v["model_dir"]), v["texts"] or long_text_documents(), args.ppl_texts,
+                     max(lengths))
+
+
+def default_lengths(max_positions: int) -> list[int]:
+    """M/4, M/2, M, 2M (at least 128 tokens each) for M = max_position_embeddings."""
+    m = max_positions
+    return sorted({n for n in (m // 4, m // 2, m, 2 * m) if n >= 128})
+
+
 def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], tasks: list[str],
              protocols: list[str], trials: int, ppl_texts: int, stride: int, texts: list[str] | None,
-             seed: int, device: str, dtype: str, progress: bool) -> dict:
+             seed: int, device: str, dtype: str, progress: bool, sp: int = 1, sp_impl: str = "zigzag") -> dict:
+    """The results of `tasks`; with `sp` > 1 (perplexity only) on each of the `sp` launched processes."""
+    from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
+
     from .needle import run_needle
     from .passkey import build_prompt, run_passkey
     from .perplexity import run_perplexity
 
-    lm = load_model(model_dir, device, dtype)
-    if lengths is None:
-        m = lm.max_position_embeddings
-        lengths = sorted({n for n in (m // 4, m // 2, m, 2 * m) if n >= 128})
+    sp_eval = join_sequence_parallel(sp_impl, sp, device) if sp > 1 else None
+    lm = load_model(model_dir, sp_eval.device if sp_eval else device, dtype,
+                    attn_implementation=ATTN_IMPLEMENTATION if sp_eval else None)
+    lengths = lengths or default_lengths(lm.max_position_embeddings)
     documents = texts if texts is not None else long_text_documents()
     if "passkey" in tasks:  # fail before any work if the smallest length cannot hold the prompt
         build_prompt(lm.tokenizer, min(lengths), 0.0, 50000)
@@ -138,8 +184,11 @@ def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], ta
             results["needle"] = run_needle(lm, lengths, depths, documents, progress=bar.update)
         if "ppl" in tasks:
             bar.set_postfix_str("perplexity")
-            results["perplexity"] = run_perplexity(lm, lengths, protocols, documents, ppl_texts, stride,
-                                                   progress=bar.update)
+            ppl = run_perplexity(lm, lengths, protocols, documents, ppl_texts, stride, progress=bar.update,
+                                 score=sp_eval.window_score(lm) if sp_eval else None)
+            if sp_eval:
+                ppl["protocols"] = {k: f"{v}; {sp_eval.note}" for k, v in ppl["protocols"].items()}
+            results["perplexity"] = ppl
     finally:
         bar.close()
     results["seconds"] = round(time.perf_counter() - started, 2)
@@ -165,12 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_report
 
     argv = sys.argv[1:] if argv is None else argv
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args = build_parser().parse_args(argv)
         v = _validate(args)
+        if args.sp > 1 and "WORLD_SIZE" not in os.environ:
+            from longtune.train.cli import relaunch_under_torchrun
+
+            _check_before_launch(v, args)
+            return relaunch_under_torchrun(args.sp, argv, module="longtune.train.evaluate.cli")
         results = evaluate(v["model_dir"], v["lengths"], v["depths"], v["tasks"], v["protocols"], args.trials,
                            args.ppl_texts, args.stride, v["texts"], args.seed, args.device, args.dtype,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress and rank == 0, sp=args.sp, sp_impl=args.sp_impl)
+        if rank != 0:
+            return _leave(0, world)
         out: Path = v["out"]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -183,13 +240,27 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except EvalError as exc:
-        print(f"longtune: error: {exc}", file=sys.stderr)
-        return 2
+        if rank == 0:  # every rank meets the same bad input: one line, from rank 0
+            print(f"longtune: error: {exc}", file=sys.stderr)
+        return _leave(2, world, synchronize=False)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     print(_summary(results))
     print(f"wrote {', '.join(str(out / p.name) for p in written)} ({results['seconds']} s)")
-    return 0
+    return _leave(0, world)
+
+
+def _leave(code: int, world: int, synchronize: bool = True) -> int:
+    """The exit code; under a launcher, leave without the C++ destructors (gloo can abort in them at exit)."""
+    if world == 1:
+        return code
+    import torch.distributed as dist
+
+    if synchronize and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the output
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

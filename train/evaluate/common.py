@@ -29,25 +29,34 @@ class LoadedModel:
     device: torch.device
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "float32",
+               attn_implementation: str | None = None) -> LoadedModel:
+    """The model (eval mode) and tokenizer of an HF dir; `attn_implementation` None: transformers' default."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise EvalError(f"model dir {str(path)!r} does not exist or has no config.json")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is one user-facing line
-        raise EvalError(f"model dir {str(path)!r}: cannot load its tokenizer ({exc})") from exc
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation)
     model.to(device).eval()
     config = model.config
     rope = dict(getattr(config, "rope_parameters", None) or {})
     original = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
     return LoadedModel(model, tokenizer, str(path), int(config.max_position_embeddings), original, rope,
                        torch.device(device))
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is one user-facing line
+        raise EvalError(f"model dir {str(model_dir)!r}: cannot load its tokenizer ({exc})") from exc
 
 
 def long_text_documents() -> list[str]:

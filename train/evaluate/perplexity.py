@@ -50,32 +50,50 @@ def effective_stride(stride: int, window: int) -> int:
     return max(1, min(stride, window // 2))
 
 
-def sliding_nll(model, ids: list[int], window: int, stride: int, device) -> tuple[float, int]:
+WindowScore = Callable[[list[int], int], tuple[float, int]]
+"""`score(ids, first)`: (sum of NLL, count) of the tokens `ids[first:]` (first ≥ 1), each given the tokens
+of the window before it."""
+
+
+def local_window_score(model, device) -> WindowScore:
+    """Scores a window with one forward pass on this process (`token_nll`)."""
+    def score(ids: list[int], first: int) -> tuple[float, int]:
+        nll = token_nll(model, ids, device)[first - 1:]  # nll[j] is the loss of token 1 + j
+        return float(nll.sum()), nll.numel()
+    return score
+
+
+def sliding_nll(score: WindowScore, ids: list[int], window: int, stride: int) -> tuple[float, int]:
     """(sum of NLL, scored tokens) of the sliding-window protocol over `ids`."""
     total, count = 0.0, 0
     for begin, end, first in sliding_windows(len(ids), window, stride):
-        nll = token_nll(model, ids[begin:end], device)  # nll[j] is the loss of token begin + 1 + j
-        scored = nll[first - begin - 1:]
-        total += float(scored.sum())
-        count += scored.numel()
+        s, c = score(ids[begin:end], first - begin)
+        total, count = total + s, count + c
     return total, count
 
 
+def perplexity_texts(tokenizer, documents: list[str], n_docs: int, n_tokens: int) -> list[list[int]]:
+    """The `n_docs` token streams of `n_tokens` each that the protocols score (document i, i + n_docs, …)."""
+    return [text_tokens(tokenizer, documents[i::n_docs], n_tokens) for i in range(n_docs)]
+
+
 def run_perplexity(lm: LoadedModel, lengths: list[int], protocols: list[str], documents: list[str],
-                   n_docs: int, stride: int, progress: Callable[[], None] | None = None) -> dict:
+                   n_docs: int, stride: int, progress: Callable[[], None] | None = None,
+                   score: WindowScore | None = None) -> dict:
+    """Every (protocol, length) point; `score` defaults to one forward pass per window on this process."""
+    score = score or local_window_score(lm.model, lm.device)
     results = []
     longest = max(lengths)
-    streams = [text_tokens(lm.tokenizer, documents[i::n_docs], longest) for i in range(n_docs)]
+    streams = perplexity_texts(lm.tokenizer, documents, n_docs, longest)
     for protocol in protocols:
         for length in lengths:
             total, count = 0.0, 0
             for ids in streams:
                 if protocol == "single_window":
-                    nll = token_nll(lm.model, ids[:length], lm.device)
-                    total, count = total + float(nll.sum()), count + nll.numel()
+                    s, c = score(ids[:length], 1)
                 else:
-                    s, c = sliding_nll(lm.model, ids, length, effective_stride(stride, length), lm.device)
-                    total, count = total + s, count + c
+                    s, c = sliding_nll(score, ids, length, effective_stride(stride, length))
+                total, count = total + s, count + c
                 if progress:
                     progress()
             mean = total / count
