@@ -18,15 +18,12 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 
-NOT_YET = {
-    "plan": "the parallel-layout planner",
-}
-
 DELEGATED = {
     "demo": ("longtune.train.demo", "the main job: prep → extend (PI, YaRN; sp = 2) → evaluate → comparison"),
     "prep": ("longtune.data_prep.cli", "build a packed long-document corpus from a prep config"),
     "eval": ("longtune.train.evaluate.cli", "long-context evaluation: passkey, needle, perplexity vs length"),
     "longrope-search": ("longtune.train.longrope", "evolutionary search of LongRoPE rescale factors"),
+    "plan": ("longtune.train.plan", "which parallel layouts fit a model at a length, ranked by estimated tokens/s"),
     "parity": ("longtune.train.parity", "compare a recipe's parallel layout with one process (loss, gradients)"),
 }
 """Subcommands with their own argument parser: `longtune NAME ...` calls `MODULE.main(argv)`."""
@@ -155,10 +152,6 @@ def _delegate(module_name: str):
     return run
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    return _fail(f"`longtune {args.command}` ({NOT_YET[args.command]}) is not available yet in this version")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtune", description="Long-sequence fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,10 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(module))
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"{what} (not available yet)")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_not_yet)
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
     return parser

@@ -1,0 +1,441 @@
+"""Memory model: bytes per rank of one training layout, term by term, as pure functions.
+
+Every term is derived from what longtune's code keeps alive (HF decoder layers of the llama family,
+`parallelize()`'s wrappers, the loop's loss) and is named so that a table can show it. The activation
+terms were checked tensor by tensor against autograd's saved tensors (`saved_tensors_hooks`, fp32, tiny
+Llama): see docs/planner.md. Device bytes and host bytes are kept apart; on a CPU run both are the same
+process memory (`host_is_device=True`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+GIB = 2**30
+
+Attention = Literal["flash", "sdpa_masked"]
+"""flash: an O(L) kernel that keeps GQA's KV heads (flash-attn, torch flash/efficient sdpa without a mask,
+longtune's ring/Ulysses kernels). sdpa_masked: transformers' sdpa with a packed-document mask (one process,
+`data.document_masking` with several documents per row): KV heads repeated to the query heads and a float
+copy of the L × L mask saved by every layer."""
+
+Sharding = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an HF decoder config the memory and time models need."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    head_dim: int = 0  # 0: hidden / heads
+    tied_embeddings: bool = False
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        if self.heads % self.kv_heads:
+            raise ValueError(f"{self.heads} query heads are not a multiple of {self.kv_heads} KV heads")
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | Any, name: str = "model") -> ModelShape:
+        """From a config.json dict or a transformers config object."""
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        heads = get("num_attention_heads")
+        return cls(hidden=get("hidden_size"), layers=get("num_hidden_layers"), heads=heads,
+                   kv_heads=get("num_key_value_heads") or heads, intermediate=get("intermediate_size"),
+                   vocab=get("vocab_size"), head_dim=get("head_dim") or 0,
+                   tied_embeddings=bool(get("tie_word_embeddings", False)), name=name)
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """q, k, v, o projections, gate/up/down MLP, two RMSNorm weights (no biases)."""
+        h = self.hidden
+        return h * self.q_width * 2 + h * self.kv_width * 2 + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        """lm_head (0 when tied to the embeddings) and the final norm."""
+        return (0 if self.tied_embeddings else self.vocab * self.hidden) + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embedding_params + self.head_params
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel and memory layout: the degrees and the recipe's memory switches."""
+
+    dp: int = 1
+    sp_ulysses: int = 1
+    sp_ring: int = 1
+    tp: int = 1
+    pp: int = 1
+    sharding: Sharding = "ddp"  # ddp (plain replicas), fsdp (FSDP2 ≈ ZeRO-3), zero1/2/3 (DeepSpeed)
+    recompute: Literal["none", "full", "selective"] = "none"
+    recompute_every: int = 2  # selective: every k-th layer
+    recompute_modules: tuple[str, ...] = ()  # selective: e.g. ("mlp",) instead of whole layers
+    offload_checkpoints: bool = False
+    offload_activations: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    tiled_loss_chunk: int = 0  # 0: off
+    tiled_mlp_chunk: int = 0  # 0: off
+    micro_batch: int = 1
+    grad_accum: int = 1
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention: Attention = "flash"
+
+    @property
+    def sp(self) -> int:
+        return self.sp_ulysses * self.sp_ring
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.sp * self.tp * self.pp
+
+    @property
+    def shard_group(self) -> int:
+        """Ranks over which ZeRO / FSDP shard states: dp × sp (sequence-parallel ranks are replicas)."""
+        return self.dp * self.sp
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp}"]
+        if self.sp_ring > 1:
+            parts.append(f"ring{self.sp_ring}")
+        if self.sp_ulysses > 1:
+            parts.append(f"ulysses{self.sp_ulysses}")
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}")
+        if self.pp > 1:
+            parts.append(f"pp{self.pp}")
+        parts.append(self.sharding)
+        if self.recompute != "none":
+            parts.append("rc-" + (self.recompute if self.recompute == "full" else
+                                  "+".join(self.recompute_modules) or f"every{self.recompute_every}"))
+        offloads = [n for n, on in (("ckpt", self.offload_checkpoints), ("act", self.offload_activations),
+                                    ("opt", self.offload_optimizer), ("param", self.offload_params)) if on]
+        if offloads:
+            parts.append("off-" + "+".join(offloads))
+        if self.tiled_mlp_chunk:
+            parts.append(f"tmlp{self.tiled_mlp_chunk}")
+        if self.tiled_loss_chunk:
+            parts.append(f"tloss{self.tiled_loss_chunk}")
+        if self.micro_batch > 1:
+            parts.append(f"mb{self.micro_batch}")
+        return " ".join(parts)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Per-rank bytes: `device` and `host` map term names to bytes; `peak_*` are what must fit."""
+
+    device: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+    transient: dict[str, float] = field(default_factory=dict)
+    """Working sets that exist one at a time; the peak adds only the largest."""
+
+    @property
+    def peak_device(self) -> float:
+        return sum(self.device.values()) + max(self.transient.values(), default=0.0)
+
+    @property
+    def peak_host(self) -> float:
+        return sum(self.host.values())
+
+    def table(self) -> list[tuple[str, str, float]]:
+        rows = [(name, "device", b) for name, b in self.device.items()]
+        rows += [(name, "transient", b) for name, b in self.transient.items()]
+        rows += [(name, "host", b) for name, b in self.host.items()]
+        return rows
+
+
+# -- parameters, gradients, optimizer ---------------------------------------------------------------
+
+
+def params_per_rank(shape: ModelShape, layout: Layout) -> float:
+    """Parameters one rank holds before ZeRO/FSDP sharding: its pipeline stage's layers (split as evenly
+    as possible, the first stages take the remainder) with tp-sharded layer weights; embeddings and
+    lm_head are replicated over tp (longtune has no vocabulary-parallel lm_head). The worst stage counts:
+    pp 1 holds everything, else the first stage (embeddings) or the last (lm_head), whichever is larger."""
+    layers = math.ceil(shape.layers / layout.pp) * shape.layer_params / layout.tp
+    if layout.pp == 1:
+        return layers + shape.embedding_params + shape.head_params
+    return layers + max(shape.embedding_params, shape.head_params)
+
+
+def _sharded(layout: Layout, what: str) -> bool:
+    """Whether `what` (params | grads | optimizer) is partitioned over dp × sp in this layout."""
+    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[layout.sharding]
+    return stage >= {"optimizer": 1, "grads": 2, "params": 3}[what]
+
+
+def weights_bytes(shape: ModelShape, layout: Layout) -> float:
+    """fp32 weights (longtune builds the model in fp32; bfloat16 is mixed precision with fp32 masters).
+    Under ZeRO-3 / FSDP each rank keeps 1 / (dp × sp) of them."""
+    p = params_per_rank(shape, layout)
+    return 4 * p / (layout.shard_group if _sharded(layout, "params") else 1)
+
+
+def gradients_bytes(shape: ModelShape, layout: Layout) -> float:
+    """fp32 gradients of the fp32 parameters; sharded from ZeRO-2 / FSDP on."""
+    p = params_per_rank(shape, layout)
+    return 4 * p / (layout.shard_group if _sharded(layout, "grads") else 1)
+
+
+def optimizer_bytes(shape: ModelShape, layout: Layout) -> float:
+    """AdamW: exp_avg and exp_avg_sq in fp32 (8 bytes per parameter); sharded from ZeRO-1 / FSDP on. The
+    master weights are the fp32 parameters themselves (`weights_bytes`)."""
+    p = params_per_rank(shape, layout)
+    return 8 * p / (layout.shard_group if _sharded(layout, "optimizer") else 1)
+
+
+def ddp_bucket_bytes(shape: ModelShape, layout: Layout) -> float:
+    """DDP copies gradients into its own all-reduce buckets (gradient_as_bucket_view is off): one more
+    fp32 copy of the gradients when dp × sp > 1 without sharding."""
+    if layout.sharding != "ddp" or layout.shard_group == 1:
+        return 0.0
+    return 4 * params_per_rank(shape, layout)
+
+
+def unsharded_layer_bytes(shape: ModelShape, layout: Layout) -> float:
+    """ZeRO-3 / FSDP gather one decoder layer's weights for its forward and backward (2 in flight with
+    prefetch) in the compute dtype, and its full gradient before the reduce-scatter (fp32)."""
+    if not _sharded(layout, "params"):
+        return 0.0
+    b = 2 if layout.dtype == "bfloat16" else 4
+    return shape.layer_params / layout.tp * (2 * b + 4)
+
+
+def autocast_weight_bytes(shape: ModelShape, layout: Layout) -> float:
+    """bfloat16 without sharding: autocast keeps a bf16 copy of every weight it casts during the
+    forward (its cache lives until the forward ends; backward reuses the saved copies)."""
+    if layout.dtype != "bfloat16" or _sharded(layout, "params"):
+        return 0.0
+    return 2 * params_per_rank(shape, layout)
+
+
+# -- activations ------------------------------------------------------------------------------------
+
+
+def tokens_per_rank(seq_len: int, layout: Layout) -> float:
+    """Sequence positions one rank processes per micro-batch (sp splits the sequence)."""
+    return layout.micro_batch * seq_len / layout.sp
+
+
+def _act_bytes(layout: Layout) -> int:
+    return 2 if layout.dtype == "bfloat16" else 4
+
+
+def attention_saved_per_token(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Bytes one layer's attention saves per local token.
+
+    q and the kernel output (q_width each) and k, v: GQA-size for an O(L) kernel (under Ulysses the KV
+    heads are replicated to lcm(kv heads, ulysses)), repeated to the query heads by transformers' sdpa
+    path with a mask, which also saves a float copy of the mask: 4·L bytes per token and layer (the
+    O(L²) term). Plus the fp32 log-sum-exp (one per head). Ulysses adds the output of the inverse
+    all-to-all, which o_proj saves (the kernel's own output is then a separate tensor).
+    """
+    b = _act_bytes(layout)
+    if layout.attention == "sdpa_masked":
+        kv = shape.q_width
+        mask = 4 * seq_len * layout.micro_batch / layout.sp  # per local token: a row of the L × L mask
+    else:
+        u = layout.sp_ulysses
+        kv = math.lcm(shape.kv_heads, u) * shape.head_dim if u > 1 else shape.kv_width
+        mask = 0.0
+    per_token = b * (2 * shape.q_width + 2 * kv) / layout.tp + 4 * shape.heads / layout.tp + mask
+    if layout.sp_ulysses > 1:
+        per_token += b * shape.hidden / layout.tp
+    return per_token
+
+
+def mlp_saved_per_token(shape: ModelShape, layout: Layout) -> float:
+    """gate output (silu's input), silu output, up output, their product (down_proj's input): 4 × I."""
+    return _act_bytes(layout) * 4 * shape.intermediate / layout.tp
+
+
+def norm_saved_per_token(shape: ModelShape, layout: Layout) -> float:
+    """The residual stream around one layer and its two RMSNorms, plus two fp32 rsqrt values.
+
+    fp32: the layer input, x·rsqrt(var) and the scaled output of each norm, the attention residual sum:
+    6 × hidden × 4 bytes. bfloat16 (mixed precision): HF's RMSNorm computes in fp32 and the residual stream
+    stays fp32 (4 fp32 tensors), and 5 bf16 ones (the projections' cast inputs and the attention output
+    reshaped for o_proj): 26 bytes × hidden (measured under CPU autocast; FSDP2's bf16 parameters give
+    about 28). With tp sequence parallelism these are split over tp (assumed on when tp > 1)."""
+    per_hidden = 26 if layout.dtype == "bfloat16" else 24
+    return (per_hidden * shape.hidden + 2 * 4) / layout.tp
+
+
+def layer_saved_per_token(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Bytes one decoder layer saves for backward per local token without recomputation (tiled MLP:
+    the MLP's intermediates are recomputed per chunk, only its input — already counted — is kept)."""
+    mlp = 0.0 if layout.tiled_mlp_chunk else mlp_saved_per_token(shape, layout)
+    return norm_saved_per_token(shape, layout) + attention_saved_per_token(shape, layout, seq_len) + mlp
+
+
+def checkpoint_input_per_token(shape: ModelShape, layout: Layout) -> float:
+    """A recomputed layer keeps its input hidden states only."""
+    return _act_bytes(layout) * shape.hidden / layout.tp
+
+
+def activation_terms(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
+    """(device bytes, host bytes) of the saved activations of one rank's layers.
+
+    A 1F1B pipeline's first stage holds pp micro-batches in flight, each through its 1/pp of the layers:
+    about the same total as all layers of one micro-batch. Recomputed layers keep their input only
+    (in host memory with offload.checkpoints); selective sub-modules keep their input, which the norm
+    terms already count; offload.activations moves everything saved to host memory.
+    """
+    tokens = tokens_per_rank(seq_len, layout)
+    layers = math.ceil(shape.layers / layout.pp) * layout.pp
+    per_plain = layer_saved_per_token(shape, layout, seq_len)
+    checkpointed = 0
+    if layout.recompute == "full":
+        checkpointed = layers
+    elif layout.recompute == "selective" and not layout.recompute_modules:
+        checkpointed = math.ceil(layers / layout.recompute_every)
+    elif layout.recompute == "selective":
+        if "mlp" in layout.recompute_modules and not layout.tiled_mlp_chunk:
+            per_plain -= mlp_saved_per_token(shape, layout)
+        if "self_attn" in layout.recompute_modules:
+            per_plain -= attention_saved_per_token(shape, layout, seq_len)
+    kept = checkpointed * checkpoint_input_per_token(shape, layout) * tokens
+    plain = (layers - checkpointed) * per_plain * tokens
+    if layout.offload_activations:
+        return 0.0, kept + plain
+    if layout.offload_checkpoints:
+        return plain, kept
+    return plain + kept, 0.0
+
+
+def model_level_saved_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Outside the layers: the final norm (input, x·rsqrt, lm_head's input: 3 fp32, or 2 fp32 and a bf16
+    cast under mixed precision), RoPE cos/sin, ids and labels."""
+    tokens = tokens_per_rank(seq_len, layout)
+    b = _act_bytes(layout)
+    norm = (10 if layout.dtype == "bfloat16" else 12) * shape.hidden
+    return tokens * (norm + 4 + 2 * b * shape.head_dim + 3 * 8)
+
+
+def mask_bytes(layout: Layout, seq_len: int) -> float:
+    """The boolean L × L packed-document mask transformers builds for sdpa (once per forward)."""
+    if layout.attention != "sdpa_masked":
+        return 0.0
+    local = seq_len / layout.sp
+    return layout.micro_batch * local * local
+
+
+def logits_loss_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Logits and cross-entropy at the start of backward: the logits (kept by the loop's output), the
+    fp32 log-softmax saved by cross-entropy, its gradient and the logits' gradient: 4 × tokens × vocab in
+    fp32 (bf16 logits add a bf16 copy). Tiled loss: the same for one chunk of positions (recomputed in
+    backward), the full logits never exist."""
+    tokens = tokens_per_rank(seq_len, layout)
+    if layout.tiled_loss_chunk:
+        tokens = min(tokens, layout.micro_batch * layout.tiled_loss_chunk)
+    extra = 2 if layout.dtype == "bfloat16" else 0
+    return tokens * shape.vocab * (4 * 4 + extra)
+
+
+def kept_logits_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """The loop holds the model output (the logits, untiled) until the next micro-batch: they are still
+    alive while the layers run backward. Tiled loss returns a scalar instead."""
+    if layout.tiled_loss_chunk:
+        return 0.0
+    return tokens_per_rank(seq_len, layout) * shape.vocab * (2 if layout.dtype == "bfloat16" else 4)
+
+
+def backward_working_set(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Gradients alive while one layer runs backward: through the MLP the gradients of its three
+    intermediates (or of one tiled chunk), through attention dq, dk, dv and dout, plus the residual
+    gradient and the gradient into the norm."""
+    tokens = tokens_per_rank(seq_len, layout)
+    b = _act_bytes(layout)
+    mlp_tokens = min(tokens, layout.micro_batch * layout.tiled_mlp_chunk) if layout.tiled_mlp_chunk else tokens
+    mlp = 3 * shape.intermediate / layout.tp * b * mlp_tokens
+    attn = 4 * shape.q_width / layout.tp * b * tokens
+    return max(mlp, attn) + 2 * shape.hidden * b * tokens
+
+
+def recompute_working_set(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """A recomputed layer's activations exist again during its backward (one layer at a time); a tiled MLP
+    recomputes one chunk's intermediates."""
+    tokens = tokens_per_rank(seq_len, layout)
+    if layout.recompute == "full" or (layout.recompute == "selective" and not layout.recompute_modules):
+        return layer_saved_per_token(shape, layout, seq_len) * tokens
+    if layout.tiled_mlp_chunk:
+        return mlp_saved_per_token(shape, layout) * min(tokens, layout.micro_batch * layout.tiled_mlp_chunk)
+    return 0.0
+
+
+def sequence_parallel_buffers(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Ulysses: the send and receive buffers of the q/k/v all-to-all (a contiguous input copy and the
+    output, both of q + 2 kv width per local token). Ring: the K/V block being received while the current
+    one is used, and in backward the travelling dK/dV (2 + 2 blocks of k + v)."""
+    tokens = tokens_per_rank(seq_len, layout)
+    b = _act_bytes(layout)
+    total = 0.0
+    if layout.sp_ulysses > 1:
+        kv = math.lcm(shape.kv_heads, layout.sp_ulysses) * shape.head_dim
+        total += 2 * b * tokens * (shape.q_width + 2 * kv) / layout.tp
+    if layout.sp_ring > 1:
+        total += 4 * b * tokens * 2 * shape.kv_width / layout.tp
+    return total
+
+
+def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baseline_bytes: float = 0.0,
+                     host_is_device: bool = False) -> MemoryBreakdown:
+    """Every term for one rank. `baseline_bytes`: the process before the model (on GPU: the CUDA context
+    and NCCL buffers outside the allocator; on CPU: python, torch, tokenizer and corpus — measured).
+    `host_is_device`: a CPU run, where offloaded tensors stay in the same process memory."""
+    out = MemoryBreakdown()
+    dev, host = out.device, out.host
+    weights = weights_bytes(shape, layout)
+    grads = gradients_bytes(shape, layout)
+    opt = optimizer_bytes(shape, layout)
+    # FSDP2's CPUOffloadPolicy / ZeRO offload move parameters (and with them gradients) or optimizer state.
+    (host if layout.offload_params else dev)["weights"] = weights
+    (host if layout.offload_params else dev)["gradients"] = grads
+    (host if layout.offload_optimizer or layout.offload_params else dev)["optimizer"] = opt
+    dev["ddp_buckets"] = ddp_bucket_bytes(shape, layout)
+    dev["autocast_weights"] = autocast_weight_bytes(shape, layout)
+    act_dev, act_host = activation_terms(shape, layout, seq_len)
+    dev["activations"] = act_dev
+    host["offloaded_activations"] = act_host
+    dev["model_level_activations"] = model_level_saved_bytes(shape, layout, seq_len)
+    dev["attention_mask"] = mask_bytes(layout, seq_len)
+    dev["baseline"] = baseline_bytes
+    out.transient["logits_loss"] = logits_loss_bytes(shape, layout, seq_len)
+    out.transient["layer_backward"] = (kept_logits_bytes(shape, layout, seq_len)
+                                       + backward_working_set(shape, layout, seq_len)
+                                       + recompute_working_set(shape, layout, seq_len)
+                                       + unsharded_layer_bytes(shape, layout)
+                                       + sequence_parallel_buffers(shape, layout, seq_len))
+    if host_is_device:
+        for name, value in list(host.items()):
+            dev[f"{name} (host)"] = value
+        host.clear()
+    out.device = {k: v for k, v in dev.items() if v}
+    out.host = {k: v for k, v in host.items() if v}
+    return out

@@ -1,0 +1,148 @@
+"""The layout planner: every valid layout of a model on N devices, with its memory and step time, ranked.
+
+Pure functions over `memory_model` and `time_model`; `longtune plan` (train/plan.py) is the CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .memory_model import GIB, Layout, MemoryBreakdown, ModelShape, memory_breakdown
+from .time_model import Calibration, StepEstimate, step_time
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the layouts must fit: `gpus` devices of `gpu_mem_gib`, `gpus_per_node` to a node whose host
+    memory (`host_mem_gib`) its ranks share."""
+
+    gpus: int
+    gpu_mem_gib: float
+    host_mem_gib: float
+    gpus_per_node: int
+    baseline_gib: float = 1.5  # CUDA context, NCCL buffers, allocator fragmentation (outside the model)
+    headroom: float = 0.9  # use at most this fraction of device memory
+
+    @property
+    def usable_device_bytes(self) -> float:
+        return self.gpu_mem_gib * GIB * self.headroom - self.baseline_gib * GIB
+
+    @property
+    def host_bytes_per_rank(self) -> float:
+        return self.host_mem_gib * GIB / min(self.gpus_per_node, self.gpus)
+
+
+@dataclass
+class PlanRow:
+    layout: Layout
+    memory: MemoryBreakdown
+    time: StepEstimate
+    fits_device: bool
+    fits_host: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_device and self.fits_host
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problem(shape: ModelShape, layout: Layout, seq_len: int) -> str | None:
+    """Why a layout cannot run with longtune, or None. The same rules the recipe and `setup_run` apply."""
+    if layout.sp_ulysses > 1 and shape.heads % (layout.sp_ulysses * layout.tp):
+        return f"ulysses {layout.sp_ulysses} × tp {layout.tp} does not divide {shape.heads} query heads"
+    if layout.tp > 1 and (shape.heads % layout.tp or shape.kv_heads % layout.tp or shape.intermediate % layout.tp):
+        return f"tp {layout.tp} does not divide the heads ({shape.heads}, {shape.kv_heads} KV) or the MLP width"
+    if layout.pp > shape.layers:
+        return f"pp {layout.pp} is more than {shape.layers} layers"
+    if layout.pp > 1 and layout.grad_accum < layout.pp:
+        return f"pp {layout.pp} needs at least {layout.pp} micro-batches per step"
+    if seq_len % (2 * layout.sp_ring * layout.sp_ulysses) and layout.sp > 1:
+        return f"length {seq_len} is not divisible by 2 × sp (= {2 * layout.sp})"
+    if layout.tp > 1 and (layout.tiled_loss_chunk or layout.tiled_mlp_chunk):
+        return "tiled loss / MLP with tp > 1 is not available yet"
+    if layout.sharding.startswith("zero") and (layout.tp > 1 or layout.pp > 1):
+        return "the deepspeed backend has no tensor or pipeline parallelism"
+    if layout.offload_checkpoints and layout.recompute == "none":
+        return "offload.checkpoints needs recompute"
+    if (layout.offload_params or layout.offload_optimizer) and layout.sharding == "ddp":
+        return "optimizer / parameter offload needs FSDP or ZeRO"
+    if layout.offload_params and layout.sharding in ("zero1", "zero2"):
+        return "parameter offload needs ZeRO-3"
+    return None
+
+
+MEMORY_OPTIONS: list[dict] = [
+    {},
+    {"recompute": "full"},
+    {"recompute": "full", "tiled_loss_chunk": 2048},
+    {"recompute": "full", "tiled_loss_chunk": 2048, "tiled_mlp_chunk": 4096},
+    {"recompute": "full", "offload_checkpoints": True, "tiled_loss_chunk": 2048, "tiled_mlp_chunk": 4096},
+]
+"""Memory switches tried with every degree combination, cheapest in compute first."""
+
+OFFLOAD_OPTIONS: list[dict] = [{}, {"offload_optimizer": True}, {"offload_optimizer": True, "offload_params": True}]
+
+
+def enumerate_layouts(shape: ModelShape, world: int, seq_len: int, *, dtype: str = "bfloat16",
+                      attention: str = "flash", shardings: tuple[str, ...] = ("ddp", "fsdp", "zero3"),
+                      max_pp: int = 8) -> Iterator[Layout]:
+    """Every valid layout of `world` ranks: dp × ring × ulysses × tp × pp = world, each memory and offload
+    option, micro-batch 1 (long sequences; one row per rank already fills memory). `attention` is the kernel
+    of sp = 1 layouts (flash: flash_attention_2; sdpa_masked: transformers' sdpa with packed documents);
+    sp > 1 always runs longtune's O(L) kernels."""
+    for tp, pp, ulysses, ring in itertools.product(_divisors(world), repeat=4):
+        if tp * pp * ulysses * ring > world or world % (tp * pp * ulysses * ring) or pp > max_pp:
+            continue
+        dp = world // (tp * pp * ulysses * ring)
+        for sharding, mem, off in itertools.product(shardings, MEMORY_OPTIONS, OFFLOAD_OPTIONS):
+            if sharding != "ddp" and dp * ulysses * ring == 1 and not off:
+                continue  # sharding over one rank is DDP
+            layout = Layout(dp=dp, sp_ulysses=ulysses, sp_ring=ring, tp=tp, pp=pp, sharding=sharding,
+                            grad_accum=max(pp, 1) if pp > 1 else 1, dtype=dtype,
+                            attention=attention if ulysses * ring == 1 else "flash",
+                            **mem, **off)
+            if layout_problem(shape, layout, seq_len) is None:
+                yield layout
+
+
+def evaluate(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, cal: Calibration,
+             host_is_device: bool = False) -> PlanRow:
+    mem = memory_breakdown(shape, layout, seq_len, host_is_device=host_is_device)
+    est = step_time(shape, layout, seq_len, cal, gpus_per_node=hw.gpus_per_node)
+    return PlanRow(layout, mem, est, fits_device=mem.peak_device <= hw.usable_device_bytes,
+                   fits_host=mem.peak_host <= hw.host_bytes_per_rank)
+
+
+def plan(shape: ModelShape, seq_len: int, hw: Hardware, cal: Calibration, host_is_device: bool = False,
+         **options) -> list[PlanRow]:
+    """Every layout, fitting ones first, each group fastest first (tokens/s). `host_is_device`: CPU ranks,
+    whose offloaded memory stays in the same RAM."""
+    rows = [evaluate(shape, lay, seq_len, hw, cal, host_is_device)
+            for lay in enumerate_layouts(shape, hw.gpus, seq_len, **options)]
+    rows.sort(key=lambda r: (not r.fits, -r.time.tokens_per_s, r.memory.peak_device))
+    return rows
+
+
+def max_length(shape: ModelShape, hw: Hardware, cal: Calibration, *, granularity: int = 1024,
+               upper: int = 1 << 27, **options) -> tuple[int, PlanRow | None]:
+    """The longest multiple of `granularity` tokens for which some layout fits (binary search: memory
+    grows with length for every layout), and that length's best row."""
+    def best(length: int) -> PlanRow | None:
+        fitting = [r for r in plan(shape, length, hw, cal, **options) if r.fits]
+        return fitting[0] if fitting else None
+
+    lo, hi = 0, upper // granularity
+    found = None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        row = best(mid * granularity)
+        if row is not None:
+            lo, found = mid, row
+        else:
+            hi = mid - 1
+    return lo * granularity, found
