@@ -24,8 +24,6 @@ from longtune.parallel.time_model import Calibration, calibrate
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, hf_id="meta-llama/Meta-Llama-3-8B"),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=128256, hf_id="meta-llama/Llama-3.1-8B"),
     "llama-3-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                         intermediate_size=28672, vocab_size=128256, hf_id="meta-llama/Meta-Llama-3-70B"),
     "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -36,6 +34,7 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
                        intermediate_size=18944, vocab_size=152064, hf_id="Qwen/Qwen2.5-7B"),
 }
 """Config numbers of well-known models (from their published config.json files)."""
+BUILTIN_MODELS["llama-3.1-8b"] = {**BUILTIN_MODELS["llama-3-8b"], "hf_id": "meta-llama/Llama-3.1-8B"}  # same shapes
 
 
 class PlanError(ValueError):
