@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from conftest import longtune
 from longtune.train.evaluate.common import load_model
 from longtune.train.evaluate.passkey import run_passkey
@@ -29,7 +31,8 @@ def test_shipped_base_model_ships_its_provenance():
                  "metrics.jsonl", "eval.md", "README.md"):
         assert (BASE / name).is_file(), name
     steps = [json.loads(line) for line in (BASE / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert steps[-1]["step"] == 1000 and steps[-1]["loss"] < steps[0]["loss"] / 4
+    recipe = yaml.safe_load((BASE / "recipe.yaml").read_text())
+    assert steps[-1]["step"] == recipe["train"]["max_steps"] and steps[-1]["loss"] < steps[0]["loss"] / 4
 
 
 def test_demo_end_to_end_small(tmp_path):
