@@ -29,6 +29,17 @@ DELEGATED = {
 """Subcommands with their own argument parser: `longtune NAME ...` calls `MODULE.main(argv)`."""
 
 
+def error_raising_parser(error: type[Exception], **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser whose usage errors raise `error`, which the subcommand reports as one
+    `longtune: error:` line with exit code 2, like every longtune error."""
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise error(message)
+
+    return _Parser(**kwargs)
+
+
 def _fail(message: str) -> int:
     print(f"longtune: error: {message}", file=sys.stderr)
     return EXIT_USAGE

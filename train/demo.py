@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import error_raising_parser
 from .evaluate.common import EvalError
 
 METHODS = ("pi", "yarn")
@@ -36,12 +37,9 @@ class DemoError(EvalError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise DemoError(message)
-
-    p = _Parser(prog="longtune demo", description="The main job: prep → extend (PI, YaRN; sp = 2) → evaluate "
-                "base and extended models → comparison table and plots.")
+    p = error_raising_parser(DemoError, prog="longtune demo",
+                             description="The main job: prep → extend (PI, YaRN; sp = 2) → evaluate base and "
+                             "extended models → comparison table and plots.")
     p.add_argument("--out", default="runs/demo", help="run dir (default %(default)s)")
     p.add_argument("--target-length", type=int, default=2048, help="extended length (default %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="extension recipes to run (default %(default)s)")

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import error_raising_parser
+
 log = logging.getLogger(__name__)
 
 
@@ -186,13 +188,8 @@ def search(fitness, half: int, s: float, base: float, original_length: int, *, p
 
 # ---------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SearchError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="longtune longrope-search",
+    p = error_raising_parser(SearchError, prog="longtune longrope-search",
                 description="Search LongRoPE rescale factors and write an extended model dir.")
     p.add_argument("model_dir")
     p.add_argument("--target-length", type=int, required=True, help="context length to extend to (tokens)")

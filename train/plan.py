@@ -21,6 +21,8 @@ from longtune.parallel.memory_model import GIB, Layout, ModelShape
 from longtune.parallel.planner import Hardware, PlanRow, max_length, plan
 from longtune.parallel.time_model import Calibration, calibrate
 
+from .cli import error_raising_parser
+
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, hf_id="meta-llama/Meta-Llama-3-8B"),
@@ -39,11 +41,6 @@ BUILTIN_MODELS["llama-3.1-8b"] = {**BUILTIN_MODELS["llama-3-8b"], "hf_id": "meta
 
 class PlanError(ValueError):
     user_facing = True
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, code 2, like every longtune error
-        raise PlanError(message)
 
 
 def _tiny_vocab() -> int:
@@ -139,7 +136,8 @@ def recipe_for_layout(layout: Layout, model: str, seq_len: int, output_dir: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="longtune plan", description="Rank the parallel layouts that fit a model at a length.")
+    p = error_raising_parser(PlanError, prog="longtune plan",
+                             description="Rank the parallel layouts that fit a model at a length.")
     p.add_argument("model", nargs="?", help="HF dir with config.json, tiny flavour / shipped model, or a built-in "
                    f"name ({', '.join(BUILTIN_MODELS)})")
     p.add_argument("--length", type=int, help="sequence length in tokens")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..cli import error_raising_parser
 from .common import EvalError, load_model, load_tokenizer, long_text_documents
 from .perplexity import PROTOCOLS, perplexity_texts
 from .sequence_parallel import SP_IMPLS, join_sequence_parallel, sp_problem
@@ -23,11 +24,6 @@ from .sequence_parallel import SP_IMPLS, join_sequence_parallel, sp_problem
 TASKS = ("passkey", "needle", "ppl")
 SP_TASKS = ("ppl",)
 """Tasks that run under --sp > 1; passkey and needle generate token by token on one process."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, code 2, like every longtune error
-        raise EvalError(message)
 
 
 def _ints(text: str) -> list[int]:
@@ -59,7 +55,7 @@ def _choices(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="longtune eval", description="Long-context evaluation of an HF model dir.")
+    p = error_raising_parser(EvalError, prog="longtune eval", description="Long-context evaluation of an HF model dir.")
     p.add_argument("model_dir", help="HF model dir (config.json, weights, tokenizer) or a shipped model name")
     p.add_argument("--lengths", help="comma-separated context lengths in tokens (default: M/4, M/2, M, 2M with "
                    "M = max_position_embeddings)")
