@@ -7,6 +7,8 @@ next one as a new piece, so every boundary is a real one or a split of one docum
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -74,42 +76,35 @@ def plan_concatenated(lengths, order, seq_len: int, drop_last: bool) -> Iterator
 
 
 class FreeSpaceIndex:
-    """Bins by remaining capacity, with "smallest capacity ≥ n" in O(log seq_len) (a segment tree of
-    counts over capacities 0..seq_len)."""
+    """Bins by remaining capacity, with "smallest capacity ≥ n" by bisection over the sorted distinct
+    capacities of the open bins (one FIFO of bins per capacity, so ties go to the oldest bin). Memory and
+    time are O(open bins), and every step is a C-level list operation."""
 
     def __init__(self, capacity: int):
-        self.size = 1
-        while self.size < capacity + 1:
-            self.size *= 2
-        self.count = [0] * (2 * self.size)
+        self.capacity = capacity
+        self.caps: list[int] = []  # sorted, distinct, each with a non-empty queue in `bins`
         self.bins: dict[int, deque[int]] = {}
 
-    def _update(self, cap: int, delta: int) -> None:
-        i = cap + self.size
-        while i:
-            self.count[i] += delta
-            i //= 2
-
     def add(self, cap: int, bin_id: int) -> None:
-        self.bins.setdefault(cap, deque()).append(bin_id)
-        self._update(cap, 1)
+        queue = self.bins.get(cap)
+        if queue is None:
+            insort(self.caps, cap)
+            self.bins[cap] = deque((bin_id,))
+        else:
+            queue.append(bin_id)
 
     def take_best_fit(self, need: int) -> tuple[int, int] | None:
         """Remove and return (capacity, bin) of the fullest bin that still fits `need`; ties: oldest bin."""
-        cnt, i = self.count, need + self.size
-        if cnt[i] == 0:
-            while i > 1:
-                if i % 2 == 0 and cnt[i + 1] > 0:
-                    i += 1
-                    break
-                i //= 2
-            else:
-                return None
-            while i < self.size:
-                i = 2 * i if cnt[2 * i] > 0 else 2 * i + 1
-        cap = i - self.size
-        bin_id = self.bins[cap].popleft()
-        self._update(cap, -1)
+        caps = self.caps
+        i = bisect_left(caps, need)
+        if i == len(caps):
+            return None
+        cap = caps[i]
+        queue = self.bins[cap]
+        bin_id = queue.popleft()
+        if not queue:
+            del self.bins[cap]
+            del caps[i]
         return cap, bin_id
 
 
@@ -118,38 +113,54 @@ def plan_best_fit(lengths, order, seq_len: int, drop_last: bool = False) -> Iter
 
     A document longer than `seq_len` is split into full rows of `seq_len` (emitted first, in document
     order) and a remainder; remainders and all other documents are then placed, longest first (ties in
-    `order`), into the bin with the least free space that still fits. Only lengths are held in memory.
+    `order`), into the bin with the least free space that still fits. Only lengths are held in memory,
+    in numpy arrays (a few dozen bytes per document, no Python object per document or piece).
     `drop_last` is accepted for a uniform signature and has no effect (no row is partial by design).
     """
     order = np.asarray(order, dtype=np.int64)
-    lens = np.asarray(lengths, dtype=np.int64)[order]
-    items_doc: list[int] = []
-    items_start: list[int] = []
-    items_len: list[int] = []
-    for doc, length in zip(order.tolist(), lens.tolist(), strict=False):
-        full = length // seq_len
-        for k in range(full):
+    lens = np.asarray(lengths)[order]  # the store's int32 lengths stay int32: fewer bytes per document
+    if lens.dtype.kind != "i":
+        lens = lens.astype(np.int64)
+    full = lens // seq_len
+    for i in np.flatnonzero(full).tolist():
+        doc = int(order[i])
+        for k in range(int(full[i])):
             yield [(doc, k * seq_len, seq_len)]
-        rest = length - full * seq_len
-        if rest:
-            items_doc.append(doc)
-            items_start.append(full * seq_len)
-            items_len.append(rest)
-    by_size = np.argsort(-np.asarray(items_len, dtype=np.int64), kind="stable")
-    bins: list[list[Piece]] = []
+    rest = lens - full * seq_len
+    del lens
+    # items in placement order: longest remainder first, ties in `order`; documents without a remainder
+    # (rest 0) sort last and are cut off
+    by_size = np.argsort(-rest, kind="stable")[:np.count_nonzero(rest)]
+    # 16 bytes per piece (lengths, and so starts, fit in int32)
+    p_doc, p_start, p_len = order[by_size], (full[by_size] * seq_len).astype(np.int32), rest[by_size].astype(np.int32)
+    del order, full, rest, by_size
+    bin_of = array("i")  # the bin of every piece, in placement order
+    nbins = 0
     free = FreeSpaceIndex(seq_len)
-    for k in by_size.tolist():
-        n = items_len[k]
-        found = free.take_best_fit(n)
-        if found is None:
-            bins.append([])
-            cap, b = seq_len, len(bins) - 1
-        else:
-            cap, b = found
-        bins[b].append((items_doc[k], items_start[k], n))
-        if cap - n > 0:
-            free.add(cap - n, b)
-    yield from bins
+    take, add, put = free.take_best_fit, free.add, bin_of.append
+    for lo in range(0, len(p_len), 1 << 13):
+        for n in p_len[lo:lo + (1 << 13)].tolist():
+            found = take(n)
+            if found is None:
+                cap, b = seq_len, nbins
+                nbins += 1
+            else:
+                cap, b = found
+            put(b)
+            if cap > n:
+                add(cap - n, b)
+    del free
+    # pieces grouped by bin, each bin's pieces in placement order; bins in creation order
+    bins = np.frombuffer(bin_of, dtype=np.int32)
+    group = np.argsort(bins, kind="stable")
+    ends = np.cumsum(np.bincount(bins, minlength=nbins)).tolist()
+    del bins, bin_of
+    p_doc, p_start, p_len = p_doc[group], p_start[group], p_len[group]
+    del group
+    lo = 0
+    for hi in ends:
+        yield list(zip(p_doc[lo:hi].tolist(), p_start[lo:hi].tolist(), p_len[lo:hi].tolist(), strict=True))
+        lo = hi
 
 
 PACKING_STRATEGIES = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ class SourceStats:
     budget: int | None = None
     stopped_at_budget: bool = False
     dropped: Counter = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=list)  # kept documents, for the report only
+    lengths: array = field(default_factory=lambda: array("i"))  # kept documents (report only): 4 bytes each
 
 
 @dataclass
@@ -83,6 +84,8 @@ class _Ingest:
         self.config, self.spec, self.store, self.progress = config, spec, store, progress
         self.bos = [spec.bos_id] if config.add_bos and spec.bos_id is not None else []
         self.eos = [spec.eos_id] if config.add_eos and spec.eos_id is not None else []
+        self._bos_ids = np.asarray(self.bos, np.int32)
+        self._eos_ids = np.asarray(self.eos, np.int32)
         self.examples: list[dict] = []
         self._tokenizer = spec.tokenizer()
 
@@ -131,18 +134,20 @@ class _Ingest:
                 yield ("end", ordinal, item.where, nonblank)
 
         store, open_doc = self.store, False
+        n_bos, n_eos = len(self.bos), len(self.eos)
         stream = encode_events(events(), self.spec, cfg.workers, cfg.batch_chars)
         try:
             for ev in stream:
                 kind = ev[0]
                 if kind == "seg":
                     if not open_doc:
-                        store.append(np.asarray(self.bos, np.int32))
+                        if n_bos:
+                            store.append(self._bos_ids)
                         open_doc = True
                     store.append(ev[1])
                     continue
                 stats.documents_read += 1
-                content = store.pending_tokens - (len(self.bos) if open_doc else 0)
+                content = store.pending_tokens - (n_bos if open_doc else 0)
                 open_doc = False
                 if kind == "bad":
                     store.abort()
@@ -154,7 +159,8 @@ class _Ingest:
                     store.abort()
                     self.drop(stats, reason, where)
                     continue
-                store.append(np.asarray(self.eos, np.int32))
+                if n_eos:
+                    store.append(self._eos_ids)
                 if self.keep(stats, sid, ordinal):
                     stats.stopped_at_budget = True
                     break
@@ -205,7 +211,7 @@ def _select(config: PrepConfig, store: TokenStore, stats: list[SourceStats]) -> 
         st.dropped["over_budget"] += len(over)
         st.documents_kept -= len(over)
         st.tokens_kept -= int(lengths[over].sum())
-        st.lengths = [int(x) for x in lengths[idx[~np.isin(idx, over)]]]
+        st.lengths = lengths[idx[~np.isin(idx, over)]]
     return np.flatnonzero(keep)
 
 
@@ -221,17 +227,20 @@ def _write_rows(config: PrepConfig, spec: TokenizerSpec, store: TokenStore, orde
     pad_tokens = 0
     row_fill: list[int] = []
     split_docs = extra_pieces = 0
+    with_mask = writer.with_mask
     for row in plan:
         ids, masks, doc_lens, sources, doc_index = [], [], [], [], []
         for doc, start, n in row:
             piece, mask = store.read(doc, start, n)
             ids.append(piece)
-            masks.append(mask if mask is not None else np.ones(n, np.uint8))
+            if with_mask:
+                masks.append(mask if mask is not None else np.ones(n, np.uint8))
+            name = names[src[doc]]
             doc_lens.append(n)
-            sources.append(names[src[doc]])
-            doc_index.append(int(doc))
+            sources.append(name)
+            doc_index.append(doc)
             written[doc] += n
-            per_source[names[src[doc]]] += n
+            per_source[name] += n
             if start > 0:
                 extra_pieces += 1
             elif n < lengths[doc]:
@@ -241,13 +250,14 @@ def _write_rows(config: PrepConfig, spec: TokenizerSpec, store: TokenStore, orde
         pad = (-content) % m
         if pad:
             ids.append(np.full(pad, spec.pad_id, np.int32))
-            masks.append(np.zeros(pad, np.uint8))
+            if with_mask:
+                masks.append(np.zeros(pad, np.uint8))
             doc_lens.append(pad)
             sources.append(PAD_SOURCE)
             doc_index.append(-1)
             pad_tokens += pad
         writer.add_row(np.concatenate(ids), doc_lens, sources, doc_index,
-                       np.concatenate(masks) if writer.with_mask else None)
+                       np.concatenate(masks) if with_mask else None)
     selected = lengths[order].astype(np.int64)
     truncated_docs = int(np.count_nonzero(written[order] < selected))
     return {"per_source": per_source, "pad_tokens": pad_tokens, "row_fill": row_fill,

@@ -35,7 +35,7 @@ def write_plots(directory: Path, stats, meta: dict, row_fill: list[int], seq_len
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for st in stats:
-        if st.lengths:
+        if len(st.lengths):
             ax.hist(np.log10(np.maximum(st.lengths, 1)), bins=40, alpha=0.5, label=st.name)
     ax.set_xlabel("log10(document tokens)")
     ax.set_ylabel("documents")

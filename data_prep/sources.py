@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,28 +48,88 @@ def _text_segments(text: str) -> Callable[[int], Iterator[str]]:
     return lambda max_chars: split_text(text, max_chars)
 
 
-def expand_paths(patterns: list[str], suffixes: list[str] | None = None) -> list[Path]:
+def _suffix(name: str) -> str:
+    """`PurePath(name).suffix`, on a plain name."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _walk(directory: str, suffixes: list[str] | None) -> Iterator[str]:
+    """The files under `directory`, recursively, in the order of `sorted(Path(directory).rglob("*"))`
+    (by path parts), generated lazily: only the listings of the directories on the current path are held,
+    each as one string."""
+    try:
+        names = os.listdir(directory)
+    except PermissionError:  # like rglob: an unreadable directory contributes nothing
+        return
+    names.sort()
+    # one string for the whole listing (a few bytes per name instead of a str object and a pointer)
+    listing = "\0".join(names)
+    del names
+    pos, end = 0, len(listing)
+    while pos < end:
+        cut = listing.find("\0", pos)
+        cut = end if cut < 0 else cut
+        name, pos = listing[pos:cut], cut + 1
+        path = f"{directory}/{name}" if directory != "/" else f"/{name}"
+        try:
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                mode = os.stat(path).st_mode
+                if stat.S_ISDIR(mode):  # rglob does not follow symlinked directories
+                    continue
+        except OSError:  # vanished, dangling link, ...: not a file (Path.is_file() says False)
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk(path, suffixes)
+        elif stat.S_ISREG(mode) and (suffixes is None or _suffix(name) in suffixes):
+            yield path
+
+
+def expand_paths(patterns: list[str], suffixes: list[str] | None = None) -> Iterator[Path]:
     """Files named by paths, directories (recursively, filtered by suffix) and globs, sorted, once each.
-    A pattern that matches nothing is a config error."""
-    found: list[Path] = []
+    A pattern that matches nothing is a config error (raised here, before any file is yielded).
+
+    The files are generated, not listed: memory does not grow with the number of files. Only when a file
+    can be named twice (several patterns, or a glob) are the names seen so far kept, to skip repeats."""
+    return map(Path, expand_path_names(patterns, suffixes))
+
+
+def expand_path_names(patterns: list[str], suffixes: list[str] | None = None) -> Iterator[str]:
+    """`expand_paths` as the strings `str(path)` (no Path object per file)."""
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else (
-            [pattern] if Path(pattern).exists() else [])
-        if not matches:
+        exists = next(glob.iglob(pattern, recursive=True), None) is not None if glob.has_magic(pattern) else (
+            Path(pattern).exists())
+        if not exists:
             raise PrepError(f"source path {pattern!r} matches no file")
+    return _expand(patterns, suffixes)
+
+
+def _expand(patterns: list[str], suffixes: list[str] | None) -> Iterator[str]:
+    seen: set[str] | None = set() if len(patterns) > 1 or any(map(glob.has_magic, patterns)) else None
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         for match in matches:
             path = Path(match)
-            if path.is_dir():
-                found.extend(sorted(p for p in path.rglob("*") if p.is_file()
-                                    and (suffixes is None or p.suffix in suffixes)))
-            else:
-                found.append(path)
-    seen: set[Path] = set()
-    return [p for p in found if not (p in seen or seen.add(p))]
+            for found in _walk(str(path), suffixes) if path.is_dir() else (str(path),):
+                if seen is not None:
+                    if found in seen:
+                        continue
+                    seen.add(found)
+                yield found
 
 
-def _file_chunks(path: Path) -> Iterator[str]:
+def _file_chunks(path: str) -> Iterator[str]:
     try:
+        with open(path, "rb") as raw:
+            if os.fstat(raw.fileno()).st_size <= READ_CHARS:
+                # a small file (the usual case) in one read and one decode; the same text as below,
+                # since newline="" translates nothing
+                # (segments do not depend on where chunks end, so a file that grew since fstat is fine too)
+                text = raw.read().decode("utf-8", errors="strict")
+                if text:
+                    yield text
+                return
         with open(path, encoding="utf-8", errors="strict", newline="") as fh:
             while chunk := fh.read(READ_CHARS):
                 yield chunk
@@ -78,8 +140,8 @@ def _file_chunks(path: Path) -> Iterator[str]:
 
 
 def read_text(source) -> Iterator[RawDocument | BadInput]:
-    for path in expand_paths(source.paths, source.suffixes):
-        yield RawDocument(str(path), lambda max_chars, p=path: split_stream(_file_chunks(p), max_chars))
+    for path in expand_path_names(source.paths, source.suffixes):
+        yield RawDocument(path, lambda max_chars, p=path: split_stream(_file_chunks(p), max_chars))
 
 
 def _field_text(record, field: str, where: str) -> RawDocument | BadInput:

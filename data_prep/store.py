@@ -29,7 +29,9 @@ class TokenStore:
 
     # -- writing one document at a time -------------------------------------------------------
     def append(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
-        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        if not (isinstance(ids, np.ndarray) and ids.dtype == np.int32 and ids.flags.c_contiguous):
+            ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self._ids.write(ids)  # the buffer itself, no bytes copy
         if self._mask is not None:
             # A document without its own mask (any text source) is all targets, like a mask-less corpus.
             m = np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)

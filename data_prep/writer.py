@@ -15,9 +15,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 METADATA_FILE = "longtune_corpus.json"
 SHARD_TOKENS = 1 << 28  # ~1 GiB of int32 ids per Arrow file
+BATCH_TOKENS = 1 << 20  # rows buffered before an Arrow record batch is written: ~4 MiB of ids (+ its Arrow copy)
 
 
 def corpus_features(with_mask: bool) -> datasets.Features:
@@ -49,7 +51,7 @@ class PackedCorpusWriter:
         self.dir.mkdir(parents=True)
         self.features = corpus_features(with_mask)
         self.with_mask = with_mask
-        self.batch_rows = max(1, min(1000, (1 << 24) // seq_len))
+        self.batch_rows = max(1, min(1000, BATCH_TOKENS // seq_len))
         self._hash = hashlib.sha256()
         self._files: list[str] = []
         self._writer = None
@@ -66,13 +68,13 @@ class PackedCorpusWriter:
 
     def add_row(self, input_ids: np.ndarray, doc_lens: list[int], source: list[str], doc_index: list[int],
                 loss_mask: np.ndarray | None = None) -> None:
-        ids = np.asarray(input_ids, dtype=np.int32)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         lens = np.asarray(doc_lens, dtype=np.int32)
         assert int(lens.sum()) == len(ids), (lens.sum(), len(ids))
         h = self._hash
         h.update(len(ids).to_bytes(8, "little"))
-        h.update(ids.tobytes())
-        h.update(lens.tobytes())
+        h.update(ids)  # the array's buffer, hashed without a copy
+        h.update(lens)
         h.update("\0".join(source).encode())
         h.update(np.asarray(doc_index, np.int64).tobytes())
         b = self._batch
@@ -81,8 +83,8 @@ class PackedCorpusWriter:
         b["source"].append(source)
         b["doc_index"].append(list(doc_index))
         if self.with_mask:
-            mask = np.asarray(loss_mask, dtype=np.int8)
-            h.update(mask.tobytes())
+            mask = np.ascontiguousarray(loss_mask, dtype=np.int8)
+            h.update(mask)
             b["loss_mask"].append(mask)
         self.rows += 1
         self.tokens += len(ids)
@@ -102,6 +104,9 @@ class PackedCorpusWriter:
                                        writer_batch_size=self.batch_rows)
         self._writer.write_batch(self._batch)
         self._batch = {k: [] for k in self.features}
+        # Arrow's allocator (mimalloc) keeps freed pages of each record batch; hand them back so that
+        # peak memory does not creep up with the number of batches written.
+        pa.default_memory_pool().release_unused()
         if self._file_tokens >= SHARD_TOKENS:
             self._close_file()
 
