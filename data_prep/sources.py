@@ -56,21 +56,12 @@ def _suffix(name: str) -> str:
 
 def _walk(directory: str, suffixes: list[str] | None) -> Iterator[str]:
     """The files under `directory`, recursively, in the order of `sorted(Path(directory).rglob("*"))`
-    (by path parts), generated lazily: only the listings of the directories on the current path are held,
-    each as one string."""
+    (by path parts), generated lazily: only the listings of the directories on the current path are held."""
     try:
-        names = os.listdir(directory)
+        names = sorted(os.listdir(directory))
     except PermissionError:  # like rglob: an unreadable directory contributes nothing
         return
-    names.sort()
-    # one string for the whole listing (a few bytes per name instead of a str object and a pointer)
-    listing = "\0".join(names)
-    del names
-    pos, end = 0, len(listing)
-    while pos < end:
-        cut = listing.find("\0", pos)
-        cut = end if cut < 0 else cut
-        name, pos = listing[pos:cut], cut + 1
+    for name in names:
         path = f"{directory}/{name}" if directory != "/" else f"/{name}"
         try:
             mode = os.lstat(path).st_mode
