@@ -210,6 +210,26 @@ def optimizer_bytes(shape: ModelShape, layout: Layout) -> float:
     return 8 * p / (layout.shard_group if _sharded(layout, "optimizer") else 1)
 
 
+def top_of_backward_gradient_bytes(shape: ModelShape, layout: Layout) -> float | None:
+    """Unsharded gradients appear as backward reaches their parameters: while the activations peak (the
+    loss and the top layers' backward) only lm_head's, the final norm's and one layer's exist; all of them
+    only at the optimizer step. None where gradients are a standing term instead: sharded (ZeRO-2+ / FSDP,
+    reduce-scattered as they come), on the host (parameter offload), or pipelined (a stage accumulates
+    its gradients over all micro-batches while their activations are alive)."""
+    if _sharded(layout, "grads") or layout.offload_params or layout.pp > 1:
+        return None
+    return 4 * (shape.head_params + shape.layer_params / layout.tp)
+
+
+def optimizer_step_temporaries(shape: ModelShape, layout: Layout, host_is_device: bool) -> float:
+    """AdamW's scratch during the step: on CPU torch runs it tensor by tensor (two fp32 temporaries of the
+    largest parameter, the embedding or lm_head matrix); on GPU its multi-tensor (foreach) path makes one fp32 temporary
+    per parameter."""
+    if host_is_device:
+        return 2 * 4 * shape.vocab * shape.hidden
+    return 4 * params_per_rank(shape, layout)
+
+
 def ddp_bucket_bytes(shape: ModelShape, layout: Layout) -> float:
     """DDP copies gradients into its own all-reduce buckets (gradient_as_bucket_view is off): one more
     fp32 copy of the gradients when dp × sp > 1 without sharding."""
@@ -338,6 +358,12 @@ def model_level_saved_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> 
     return tokens * (norm + 4 + 2 * b * shape.head_dim + 3 * 8)
 
 
+def final_norm_saved_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """The final norm's part of `model_level_saved_bytes`: its backward runs, and frees it, before the
+    layers' backward."""
+    return tokens_per_rank(seq_len, layout) * (10 if layout.dtype == "bfloat16" else 12) * shape.hidden
+
+
 def mask_bytes(layout: Layout, seq_len: int) -> float:
     """The boolean L × L packed-document mask transformers builds for sdpa (once per forward)."""
     if layout.attention != "sdpa_masked":
@@ -416,7 +442,9 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     opt = optimizer_bytes(shape, layout)
     # FSDP2's CPUOffloadPolicy / ZeRO offload move parameters (and with them gradients) or optimizer state.
     (host if layout.offload_params else dev)["weights"] = weights
-    (host if layout.offload_params else dev)["gradients"] = grads
+    grads_top = top_of_backward_gradient_bytes(shape, layout)
+    if grads_top is None:
+        (host if layout.offload_params else dev)["gradients"] = grads
     (host if layout.offload_optimizer or layout.offload_params else dev)["optimizer"] = opt
     dev["ddp_buckets"] = ddp_bucket_bytes(shape, layout)
     dev["autocast_weights"] = autocast_weight_bytes(shape, layout)
@@ -426,12 +454,15 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     dev["model_level_activations"] = model_level_saved_bytes(shape, layout, seq_len)
     dev["attention_mask"] = mask_bytes(layout, seq_len)
     dev["baseline"] = baseline_bytes
-    out.transient["logits_loss"] = logits_loss_bytes(shape, layout, seq_len)
+    out.transient["logits_loss"] = logits_loss_bytes(shape, layout, seq_len) + (grads_top or 0.0)
     out.transient["layer_backward"] = (kept_logits_bytes(shape, layout, seq_len)
+                                       + (grads_top or 0.0) - final_norm_saved_bytes(shape, layout, seq_len)
                                        + backward_working_set(shape, layout, seq_len)
                                        + recompute_working_set(shape, layout, seq_len)
                                        + unsharded_layer_bytes(shape, layout)
                                        + sequence_parallel_buffers(shape, layout, seq_len))
+    if grads_top is not None:
+        out.transient["optimizer_step"] = grads + optimizer_step_temporaries(shape, layout, host_is_device)
     if host_is_device:
         for name, value in list(host.items()):
             dev[f"{name} (host)"] = value

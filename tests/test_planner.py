@@ -14,6 +14,7 @@ from longtune.parallel.memory_model import (
     backward_working_set,
     ddp_bucket_bytes,
     gradients_bytes,
+    kept_logits_bytes,
     logits_loss_bytes,
     mask_bytes,
     memory_breakdown,
@@ -83,6 +84,26 @@ def test_activations_by_hand():
     uly = Layout(sp_ulysses=2, dtype="float32")
     assert attention_saved_per_token(SMALL, uly, L) == 4 * 32 + 8 + 4 * 8
     assert model_level_saved_bytes(SMALL, FP32, L) == L * (3 * 4 * 8 + 4 + 2 * 4 * 4 + 24)
+
+
+def test_unsharded_gradients_by_phase():
+    # One process (or DDP): while the activations peak only lm_head's, the final norm's and one layer's
+    # gradients exist; all 4·P of them only at the optimizer step. The final norm's 12·h per token is freed
+    # before the layers' backward.
+    plain = memory_breakdown(SMALL, FP32, L)
+    assert "gradients" not in plain.device
+    top = 4 * (SMALL.head_params + SMALL.layer_params)
+    assert top < 4 * SMALL.params
+    assert plain.transient["logits_loss"] == logits_loss_bytes(SMALL, FP32, L) + top
+    assert plain.transient["layer_backward"] == pytest.approx(
+        kept_logits_bytes(SMALL, FP32, L) + backward_working_set(SMALL, FP32, L) + top - 12 * 8 * L)
+    cpu = memory_breakdown(SMALL, FP32, L, host_is_device=True)
+    assert cpu.transient["optimizer_step"] == 4 * SMALL.params + 2 * 4 * SMALL.vocab * SMALL.hidden
+    # Sharded (FSDP), offloaded or pipelined gradients stay a standing term, with no step transient.
+    for layout in (Layout(sharding="fsdp", dp=2, dtype="float32"), Layout(pp=2, dtype="float32")):
+        mem = memory_breakdown(SMALL, layout, L)
+        assert mem.device["gradients"] == gradients_bytes(SMALL, layout)
+        assert "optimizer_step" not in mem.transient
 
 
 def test_transients_by_hand():
