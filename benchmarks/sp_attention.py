@@ -6,11 +6,12 @@ Launched once, it runs (one after the other, never two at a time):
 
 * sp = 1: the model with HF `sdpa` in a single process (the baseline), plus the fused CPU flash
   kernel alone (`_scaled_dot_product_flash_attention_for_cpu` + backward) on the full sequence;
-* longtune `longtune_sp` at sp = 2 and 4 (torchrun, gloo): ulysses, ring (contiguous layout),
-  zigzag, and at sp = 4 the 2 × 2 hybrid (Ulysses 2 inside a zigzag ring of 2); plus the ring /
-  zigzag attention alone (`RingAttention.apply`) at equal total work;
-* DeepSpeed ALST Ulysses (`UlyssesSPAttentionHF.register_with_transformers(model, "sdpa", ...)`)
-  at sp = 2 and 4, each in its own torchrun (it replaces `sdpa` process-wide).
+* at sp = 2 and 4 (one torchrun each, gloo), in the same processes: longtune `longtune_sp` —
+  ulysses, ring (contiguous layout), zigzag, and at sp = 4 the 2 × 2 hybrid (Ulysses 2 inside a
+  zigzag ring of 2) — and DeepSpeed ALST Ulysses (`UlyssesSPAttentionHF.register_with_transformers(
+  model, "sdpa", ...)`, which replaces `sdpa` process-wide; the longtune models call `longtune_sp`
+  and are unaffected); plus the ring / zigzag attention alone (`RingAttention.apply`) at equal
+  total work.
 
 What one "step" is, for every mode: forward + backward of the whole model (embedding, decoder
 layers, LM head, token cross-entropy summed over local tokens / global token count) on this rank's
@@ -20,17 +21,26 @@ and both would pay the same. DeepSpeed is called without an engine: the register
 inside the HF model on pre-sharded contiguous inputs (what `UlyssesSPDataLoaderAdapter` produces).
 
 Memory: peak bytes of live torch CPU allocations during one step minus those live before it, from
-the torch profiler's memory events (`profile_memory=True`), on the warm-up step (parameter gradients
-are pre-allocated, so the figure is activations + temporaries + communication buffers torch
-allocates). Peak RSS growth (VmHWM after resetting it via /proc/self/clear_refs) is reported too;
-it also sees allocator and gloo buffers but is noisier. Time: wall time of the step, slowest rank,
-median over `--repeats` steps after the warm-up; tokens/s = total tokens / that time.
-Every rank runs with one intra-op thread (OMP_NUM_THREADS=1).
+the torch profiler's memory events (`profile_memory=True`), on the step after a warm-up step
+(parameter gradients are pre-allocated, and the first step's one-off allocations are not counted),
+so the figure is activations + temporaries + communication buffers torch allocates. The profiler
+records a free only on the thread that runs the profiled code; gloo's worker thread drops its
+reference to a collective's buffers a moment after the call returns, and when that is the last
+reference the free goes unrecorded and the buffer looks alive to the end of the step (which
+inflated earlier runs by 4-12 MiB per rank, differently on every rank and run). During the profiled
+step `all_to_all_single` and the point-to-point waits therefore wait until gloo has let go of their
+tensors, so every free happens, and is recorded, on the calling thread; every step's recorded
+allocations must net to zero, and the report says so. Peak RSS growth (VmHWM after resetting it via
+/proc/self/clear_refs) is reported too; it also sees allocator and gloo buffers but is noisier.
+Time: wall time of the step, slowest rank, median over `--repeats` rounds after the warm-up, where
+one round runs one step of every mode in turn, so drift in the machine's load hits every mode alike;
+tokens/s = total tokens / that time. Every rank runs with one intra-op thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,6 +57,7 @@ SCRIPT = Path(__file__).resolve()
 VOCAB = 1024
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=32, max_position_embeddings=65536)
+DEEPSPEED_MODE = "DeepSpeed UlyssesSPAttentionHF"
 LONGTUNE_MODES = {  # name -> {world: (ulysses, ring, layout)}
     "ulysses": {2: (2, 1, "contiguous"), 4: (4, 1, "contiguous")},
     "ring": {2: (1, 2, "contiguous"), 4: (1, 4, "contiguous")},
@@ -85,7 +96,7 @@ def _profiled_peak(fn) -> tuple[float, float]:
         pass
     can_reset = _reset_hwm()
     rss0 = _rss_kib("VmRSS")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _frees_on_this_thread(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     hwm = _rss_kib("VmHWM") if can_reset else float("nan")
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -93,7 +104,63 @@ def _profiled_peak(fn) -> tuple[float, float]:
     for e in sorted(events, key=lambda e: e.start_ns()):
         live += e.nbytes()
         peak = max(peak, live)
-    return peak / 2**20, (hwm - rss0) / 1024
+    return peak / 2**20, (hwm - rss0) / 1024, live / 2**20
+
+
+def _until_released(tensors: list, counts: list[int]) -> None:
+    """Wait (10 s at most) until gloo holds no more references to `tensors` than before the call."""
+    deadline = time.perf_counter() + 10
+    while any(t._use_count() > n for t, n in zip(tensors, counts, strict=True)) and time.perf_counter() < deadline:
+        time.sleep(0)
+
+
+class _ReleasedWork:
+    """A point-to-point work whose wait() drops the work and waits for gloo to drop its tensor."""
+
+    def __init__(self, work, tensor, count: int):
+        self.work, self.tensor, self.count = work, tensor, count
+
+    def wait(self, *args, **kwargs):
+        result = self.work.wait(*args, **kwargs)
+        self.work = None
+        _until_released([self.tensor], [self.count])
+        return result
+
+
+@contextlib.contextmanager
+def _frees_on_this_thread():
+    """Make gloo's collectives hand their buffers back before the caller goes on.
+
+    `all_to_all_single` returns, and each work of `batch_isend_irecv` finishes waiting, only once gloo
+    has dropped its tensor references; the caller then holds the last reference to the send and receive
+    buffers and frees them on the profiled thread (see the module docstring). Costs microseconds; used
+    for the memory step only.
+    """
+    import torch.distributed as dist
+
+    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
+
+    def all_to_all_single(output, input, *args, **kwargs):
+        if kwargs.get("async_op"):
+            return a2a(output, input, *args, **kwargs)
+        counts = [output._use_count(), input._use_count()]
+        work = a2a(output, input, *args, **kwargs)
+        if work is not None:
+            work.wait()
+            del work
+        _until_released([output, input], counts)
+        return None
+
+    def batch_isend_irecv(p2p_op_list):
+        counts = [op.tensor._use_count() for op in p2p_op_list]
+        works = batch(p2p_op_list)  # gloo: one work per op, in order
+        return [_ReleasedWork(w, op.tensor, n) for w, op, n in zip(works, p2p_op_list, counts, strict=True)]
+
+    dist.all_to_all_single, dist.batch_isend_irecv = all_to_all_single, batch_isend_irecv
+    try:
+        yield
+    finally:
+        dist.all_to_all_single, dist.batch_isend_irecv = a2a, batch
 
 
 def _prealloc_grads(model) -> None:
@@ -161,9 +228,10 @@ def worker_single(args) -> dict:
         loss.backward()
 
     _prealloc_grads(model)
-    mem, rss = _profiled_peak(step)
+    step()  # warm-up
+    mem, rss, net = _profiled_peak(step)
     times = _timed(step, args.repeats, lambda t=None: t)
-    results = {"model": {"mode": "sdpa (single process)", "sp": 1, "mem": [mem], "rss": [rss],
+    results = {"model": {"mode": "sdpa (single process)", "sp": 1, "mem": [mem], "rss": [rss], "net": [net],
                          "times": times}}
 
     q, k, v = _attn_inputs(args.seq_len)
@@ -205,50 +273,90 @@ def _gather(value: float) -> list[float]:
     return out
 
 
-def worker_longtune(args) -> dict:
+def _longtune_step(name: str, world: int, rank: int, ids, labels, pos, count: int):
+    """The step of one longtune mode: its model on this rank's shard."""
     torch = _torch()
-    import torch.distributed as dist
     import torch.nn.functional as F
 
     from longtune.parallel.dims import ParallelDims, build_mesh
-    from longtune.parallel.kernels import get_kernel
-    from longtune.parallel.ring_attention import RingAttention, RingPlan
-    from longtune.parallel.sharding import shard_sequence
     from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
     from longtune.parallel.sp_input import shard_micro_batch
 
+    uly, ring, layout = LONGTUNE_MODES[name][world]
+    model = _model("sdpa")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    dims = ParallelDims(world, sp_ring=ring, sp_ulysses=uly)
+    mesh = build_mesh(dims, "cpu")
+    groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
+    shard = shard_micro_batch(ids, labels, pos, torch.ones_like(ids, dtype=torch.bool), dims=dims,
+                              rank=rank, layout=layout, pad_id=0, groups=groups)
+
+    def step():
+        logits = model(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
+                       sp_context=shard.context).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), shard.labels.flatten(), reduction="sum") / count
+        loss.backward()
+
+    _prealloc_grads(model)
+    return step
+
+
+def _deepspeed_step(seq_len: int, world: int, rank: int, ids, labels, pos, count: int):
+    """DeepSpeed's Ulysses on the HF model, fed contiguous shards as its data loader adapter would."""
+    import deepspeed.comm as ds_dist
+    import torch.nn.functional as F
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    model = _model("sdpa")
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model, core_attn_implementation="sdpa", sequence_parallel_size=world, micro_batch_size=1,
+        seq_length=seq_len, seq_length_is_variable=False)
+    assert ds_dist.get_world_size(mpu.get_sequence_parallel_group()) == world
+    local = seq_len // world
+    part = slice(rank * local, (rank + 1) * local)
+    s_ids, s_labels, s_pos = (t[:, part].contiguous() for t in (ids, labels, pos))
+
+    def step():
+        logits = model(input_ids=s_ids, position_ids=s_pos, use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), s_labels.flatten(), reduction="sum") / count
+        loss.backward()
+
+    _prealloc_grads(model)
+    return step
+
+
+def worker_sp(args) -> dict:
+    """Every longtune mode for this world size and DeepSpeed's Ulysses, in one process per rank."""
+    torch = _torch()
+    import deepspeed
+    import torch.distributed as dist
+
+    from longtune.parallel.kernels import get_kernel
+    from longtune.parallel.ring_attention import RingAttention, RingPlan
+    from longtune.parallel.sharding import shard_sequence
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     sync = _dist_sync()
     ids, labels, pos = _tokens(args.seq_len)
     count = labels.numel()
+    steps = {f"longtune {name}": _longtune_step(name, world, rank, ids, labels, pos, count)
+             for name, per_world in LONGTUNE_MODES.items() if world in per_world}
+    # Registered last: it replaces `sdpa` in transformers' attention registry for the whole process.
+    steps[DEEPSPEED_MODE] = _deepspeed_step(args.seq_len, world, rank, ids, labels, pos, count)
+
     results = {}
-    for name, per_world in LONGTUNE_MODES.items():
-        if world not in per_world:
-            continue
-        uly, ring, layout = per_world[world]
-        model = _model("sdpa")
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        dims = ParallelDims(world, sp_ring=ring, sp_ulysses=uly)
-        mesh = build_mesh(dims, "cpu")
-        groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
-        shard = shard_micro_batch(ids, labels, pos, torch.ones_like(ids, dtype=torch.bool), dims=dims,
-                                  rank=rank, layout=layout, pad_id=0, groups=groups)
-
-        def step(model=model, shard=shard):
-            logits = model(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
-                           sp_context=shard.context).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), shard.labels.flatten(), reduction="sum") / count
-            loss.backward()
-
-        _prealloc_grads(model)
+    for mode, step in steps.items():  # a warm-up step, then the profiled one
+        step()
         sync()
-        mem, rss = _profiled_peak(step)
-        times = _timed(step, args.repeats, sync)
-        results[f"model:{name}"] = {"mode": f"longtune {name}", "sp": world, "mem": _gather(mem),
-                                    "rss": _gather(rss), "times": times}
-        del model, mesh
+        mem, rss, net = _profiled_peak(step)
+        results[mode] = {"mode": mode, "sp": world, "mem": _gather(mem), "rss": _gather(rss),
+                         "net": _gather(net), "times": []}
+    for _ in range(args.repeats):  # rounds: one step of every mode
+        for mode, step in steps.items():
+            results[mode]["times"] += _timed(step, 1, sync)
+    results = {f"model:{mode}": r for mode, r in results.items()}
 
     # Attention alone: RingAttention fwd+bwd on this rank's shard of the full q/k/v.
     q, k, v = _attn_inputs(args.seq_len)
@@ -272,44 +380,8 @@ def worker_longtune(args) -> dict:
     return results
 
 
-def worker_deepspeed(args) -> dict:
-    torch = _torch()
-    import deepspeed
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sync = _dist_sync()
-    model = _model("sdpa")
-    mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model, core_attn_implementation="sdpa", sequence_parallel_size=world, micro_batch_size=1,
-        seq_length=args.seq_len, seq_length_is_variable=False)
-    assert ds_dist.get_world_size(mpu.get_sequence_parallel_group()) == world
-    ids, labels, pos = _tokens(args.seq_len)
-    count = labels.numel()
-    local = args.seq_len // world
-    part = slice(rank * local, (rank + 1) * local)  # the adapter's contiguous sequence shard
-    s_ids, s_labels, s_pos = ids[:, part].contiguous(), labels[:, part].contiguous(), pos[:, part].contiguous()
-
-    def step():
-        logits = model(input_ids=s_ids, position_ids=s_pos, use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), s_labels.flatten(), reduction="sum") / count
-        loss.backward()
-
-    _prealloc_grads(model)
-    sync()
-    mem, rss = _profiled_peak(step)
-    times = _timed(step, args.repeats, sync)
-    return {"model": {"mode": "DeepSpeed UlyssesSPAttentionHF", "sp": world, "mem": _gather(mem),
-                      "rss": _gather(rss), "times": times}}
-
-
 def run_worker(args) -> None:
-    fn = {"single": worker_single, "longtune": worker_longtune, "deepspeed": worker_deepspeed}[args.role]
+    fn = {"single": worker_single, "sp": worker_sp}[args.role]
     results = fn(args)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
@@ -354,25 +426,29 @@ def build_report(res: dict, args, elapsed: float, command: str) -> str:
     single = res["single"]["model"]
     base_mem = single["mem"][0]
     base_rate = L / statistics.median(single["times"])
-    ds = {sp: res[f"deepspeed-{sp}"]["model"] for sp in (2, 4)}
-    ds_rate = {sp: L / statistics.median(r["times"]) for sp, r in ds.items()}
+    ds = {sp: res[f"sp-{sp}"][f"model:{DEEPSPEED_MODE}"] for sp in (2, 4)}
     rows = [single]
     for sp in (2, 4):
-        rows += [v for k, v in res[f"longtune-{sp}"].items() if k.startswith("model:")]
-        rows.append(ds[sp])
+        rows += [v for k, v in res[f"sp-{sp}"].items() if k.startswith("model:")]
     cores = os.cpu_count() or 1
+    unaccounted = max(abs(x) for r in rows for x in r["net"])
 
     lines = ["| mode | sp | per-rank peak MiB (max rank) | ÷ (sp=1 / N) | peak RSS growth MiB | tokens/s "
-             "| vs sp=1 | vs DeepSpeed Ulysses, same sp |",
+             "| vs sp=1 | vs DeepSpeed Ulysses, same sp (range over rounds) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["sp"]
         mem = max(r["mem"])
         rate = L / statistics.median(r["times"])
-        vs_ds = rate / ds_rate[sp] if sp in ds_rate else float("nan")
+        if sp in ds:
+            vs_ds = statistics.median(ds[sp]["times"]) / statistics.median(r["times"])
+            per_round = [d / t for d, t in zip(ds[sp]["times"], r["times"], strict=True)]
+            vs_ds_text = f"{vs_ds:.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+        else:
+            vs_ds_text = "—"
         oversub = " †" if sp > cores else ""
         lines.append(f"| {r['mode']} | {sp}{oversub} | {mem:.1f} | {mem / (base_mem / sp):.2f} | "
-                     f"{max(r['rss']):.0f} | {rate:,.0f} | {rate / base_rate:.2f} | {fmt(vs_ds)} |")
+                     f"{max(r['rss']):.0f} | {rate:,.0f} | {rate / base_rate:.2f} | {vs_ds_text} |")
 
     attn_single = res["single"]["attn"]
     t1 = statistics.median(attn_single["times"])
@@ -382,7 +458,7 @@ def build_report(res: dict, args, elapsed: float, command: str) -> str:
               f"| fused CPU flash, one process | 1 | {t1:.2f} | {cpu1:.2f} | 1.00 | 1.00 |"]
     for sp in (2, 4):
         for name in ("ring", "zigzag"):
-            r = res[f"longtune-{sp}"][f"attn:{name}"]
+            r = res[f"sp-{sp}"][f"attn:{name}"]
             t = statistics.median(r["times"])
             used = min(sp, cores)  # cores the ranks can actually run on
             eff_wall = t1 / (t * used)
@@ -412,14 +488,21 @@ def build_report(res: dict, args, elapsed: float, command: str) -> str:
         f"{MODEL['num_attention_heads']} query / {MODEL['num_key_value_heads']} KV heads of {MODEL['head_dim']}, "
         f"MLP {MODEL['intermediate_size']}, vocab {VOCAB}. One row of {L} tokens, batch 1, one document. "
         f"Step = forward + backward of the whole model and the loss on each rank's shard (no optimizer, no "
-        f"gradient all-reduce); tokens/s = {L} / wall time of the slowest rank, median of {args.repeats} steps "
-        "after a warm-up step.",
+        f"gradient all-reduce); tokens/s = {L} / wall time of the slowest rank, median of {args.repeats} rounds "
+        "after a warm-up step. At each sp, longtune's modes and DeepSpeed run in the same processes and one "
+        "round times one step of each in turn, so a change in the machine's load hits all of them; the DeepSpeed "
+        "column is DeepSpeed's median step time over the mode's, with the range of the per-round ratios.",
         "",
-        "Per-rank peak MiB: the largest rank's peak of live torch CPU allocations during a step above what was "
-        "live before it (torch profiler memory events; parameter gradients pre-allocated), i.e. activations, "
-        "temporaries and torch-side communication buffers. Peak RSS growth is the VmHWM rise over the step; it "
-        "includes glibc/gloo buffers and newly touched pages (the heap is trimmed with malloc_trim before the "
-        "step). `÷ (sp=1 / N)` is the per-rank peak divided by the sp = 1 peak over N (target ≤ 1.1).",
+        "Per-rank peak MiB: the largest rank's peak of live torch CPU allocations during a step (the one after "
+        "a warm-up step) above what was live before it (torch profiler memory events; parameter gradients "
+        "pre-allocated), i.e. activations, temporaries and torch-side communication buffers. The profiler "
+        "records frees only on the profiled thread, so during this step `all_to_all_single` and the "
+        "point-to-point waits wait until gloo's worker thread has dropped its references and the buffers are "
+        "freed on the calling thread; recorded allocations then net to "
+        f"zero over the step (largest remainder over all rows and ranks: {unaccounted:.2f} MiB). Peak RSS growth "
+        "is the VmHWM rise over the step; it includes glibc/gloo buffers and newly touched pages (the heap is "
+        "trimmed with malloc_trim before the step). `÷ (sp=1 / N)` is the per-rank peak divided by the sp = 1 "
+        "peak over N (target ≤ 1.1).",
         "",
         f"† sp = 4 runs 4 ranks on {cores} cores: the machine is oversubscribed, so sp = 4 tokens/s is bounded "
         f"by {cores} cores, not 4. At sp = 2 each rank has one core (when no other job competes).",
@@ -446,10 +529,10 @@ def build_report(res: dict, args, elapsed: float, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "sp_attention.md"),
                         help="Markdown file to write ('' to skip)")
-    parser.add_argument("--role", choices=("single", "longtune", "deepspeed"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("single", "sp"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -463,8 +546,7 @@ def main() -> None:
         tmp = Path(tmp)
         res["single"] = launch("single", 1, args, tmp)
         for sp in (2, 4):
-            res[f"longtune-{sp}"] = launch("longtune", sp, args, tmp)
-            res[f"deepspeed-{sp}"] = launch("deepspeed", sp, args, tmp)
+            res[f"sp-{sp}"] = launch("sp", sp, args, tmp)
     command = "python benchmarks/sp_attention.py" + "".join(
         f" {a}" for a in sys.argv[1:])
     report = build_report(res, args, time.perf_counter() - t0, command)

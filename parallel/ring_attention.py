@@ -5,12 +5,14 @@ around the ring by point-to-point sends; the next block's transfer is posted bef
 block is computed, so communication overlaps compute. For every (query chunk, key chunk) pair the
 work is split by document: a key chunk after the query chunk is skipped, the same chunk is causal,
 an earlier chunk is full attention — within each document only, so nothing crosses a boundary and
-no `L × L` mask is ever built. Partial results are merged by log-sum-exp.
+no `L × L` mask is ever built. Neighbouring full pieces are joined into one kernel call
+(`RingPlan.calls`), and partial results are merged by log-sum-exp.
 
 The backward pass is a custom autograd function: it rotates K/V again, calls the kernel's backward
 per block with the *final* output and LSE (exact), and sends the dK/dV accumulators along with K/V so
 they arrive back at their owner after one extra hop. With a ring of one rank the same code is local
-document-masked attention (used after Ulysses' all-to-all).
+document-masked attention (used after Ulysses' all-to-all); with one row holding one document that is a
+single kernel call whose own output and gradients are returned.
 """
 
 from __future__ import annotations
@@ -70,6 +72,35 @@ class RingPlan:
                                      k0 - kc.start + kc.offset, k1 - kc.start + kc.offset, diagonal))
         return out
 
+    def calls(self, q_rank: int, k_rank: int, row: int) -> list[Piece]:
+        """`pieces()` with neighbouring full (non-causal) pieces joined: one kernel call per block of keys.
+
+        Two full pieces over the same query rows whose key rows are adjacent are one call over both key
+        ranges; then two over the same key rows with adjacent query rows. Both stay within one document
+        (a piece's rows are one document's part of a chunk). In the zigzag layout this halves the calls
+        (and forward merges) of every off-diagonal step: a rank's two chunks see a peer's chunks as one
+        block.
+        """
+        pieces = self.pieces(q_rank, k_rank, row)
+        pieces = _join(sorted(pieces, key=lambda p: (p.q_start, p.q_end, p.k_start)), by_keys=True)
+        return _join(sorted(pieces, key=lambda p: (p.k_start, p.k_end, p.q_start)), by_keys=False)
+
+
+def _join(pieces: list[Piece], by_keys: bool) -> list[Piece]:
+    """Join consecutive full pieces that share their query rows (`by_keys`) or key rows and are adjacent."""
+    out: list[Piece] = []
+    for p in pieces:
+        prev = out[-1] if out else None
+        if prev is not None and not prev.causal and not p.causal:
+            if by_keys and (prev.q_start, prev.q_end) == (p.q_start, p.q_end) and prev.k_end == p.k_start:
+                out[-1] = Piece(p.q_start, p.q_end, prev.k_start, p.k_end, False)
+                continue
+            if not by_keys and (prev.k_start, prev.k_end) == (p.k_start, p.k_end) and prev.q_end == p.q_start:
+                out[-1] = Piece(prev.q_start, p.q_end, p.k_start, p.k_end, False)
+                continue
+        out.append(p)
+    return out
+
 
 def _peer(plan: RingPlan, step: int) -> int:
     """Global rank of the ring neighbour `step` places ahead."""
@@ -94,35 +125,49 @@ def _wait(requests: list) -> None:
         req.wait()
 
 
+def _single_block(plan: RingPlan, batch: int, length: int) -> bool:
+    """True when the whole attention is one causal kernel call: no ring, one row, one document.
+
+    The common case after Ulysses' all-to-all with unpacked rows; the kernel's own output and
+    gradients are then the result, without the accumulators the general path fills.
+    """
+    return plan.world == 1 and batch == 1 and plan.pieces(0, 0, 0) == [Piece(0, length, 0, length, True)]
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out fp32 `[B, H, L, D]`, lse fp32 `[B, H, L]`) of this rank's queries over the whole sequence."""
+    """(out `[B, H, L, D]`, lse fp32 `[B, H, L]`) of this rank's queries over the whole sequence.
+
+    `out` is fp32, or q's dtype when the attention is a single kernel call.
+    """
     b, h, length, d = q.shape
+    if _single_block(plan, b, length):
+        return plan.kernel.forward(q, k, v, True, plan.scale)
     out = torch.zeros(b, h, length, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, length), float("-inf"), dtype=torch.float32, device=q.device)
     kv = [k, v]
-    # Query row ranges that already hold a partial result. A piece's rows are one document's part of
-    # one query chunk, so a range is either wholly new (copied) or wholly seen (merged).
-    covered: set[tuple[int, int, int]] = set()
+    # Query row ranges that already hold a partial result, per batch row. A block whose rows overlap
+    # none of them is copied; otherwise it is merged, which is exact for rows not yet seen too (their
+    # out is 0 and lse -inf, and every row of a block has at least one key).
+    covered: list[list[tuple[int, int]]] = [[] for _ in range(b)]
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         pending = None
         if step < plan.world - 1:
             pending = _rotate(kv, plan)
         for row in range(b):
-            for p in plan.pieces(plan.rank, src, row):
+            for p in plan.calls(plan.rank, src, row):
                 r, rows = slice(row, row + 1), slice(p.q_start, p.q_end)
                 block_out, block_lse = plan.kernel.forward(
                     q[r, :, rows], kv[0][r, :, p.k_start:p.k_end], kv[1][r, :, p.k_start:p.k_end], p.causal,
                     plan.scale)
-                key = (row, p.q_start, p.q_end)
-                if key in covered:
+                if any(s < p.q_end and p.q_start < e for s, e in covered[row]):
                     out[r, :, rows], lse[r, :, rows] = merge_partial_attention(
                         out[r, :, rows], lse[r, :, rows], block_out, block_lse)
                 else:
                     out[r, :, rows] = block_out
                     lse[r, :, rows] = block_lse
-                    covered.add(key)
+                covered[row].append((p.q_start, p.q_end))
         if pending is not None:
             _wait(pending[0])
             kv = pending[1]
@@ -133,6 +178,8 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   out: torch.Tensor, lse: torch.Tensor, plan: RingPlan
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = q.shape[0]
+    if _single_block(plan, b, q.shape[2]):
+        return plan.kernel.backward(dout, q, k, v, out, lse, True, plan.scale)
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = [k, v]
     carried: tuple[list, list[torch.Tensor]] | None = None  # dK/dV travelling with their K/V
@@ -142,7 +189,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         dk = torch.zeros_like(k, dtype=torch.float32)
         dv = torch.zeros_like(v, dtype=torch.float32)
         for row in range(b):
-            for p in plan.pieces(plan.rank, src, row):
+            for p in plan.calls(plan.rank, src, row):
                 rows, keys = slice(p.q_start, p.q_end), slice(p.k_start, p.k_end)
                 r = slice(row, row + 1)
                 g_q, g_k, g_v = plan.kernel.backward(

@@ -44,6 +44,10 @@ def cases(world: int) -> list[dict]:
     for edge in ("padding_only_shard", "ignored_labels_shard", "single_document"):
         out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring,
                     "impl": impl, "edge": edge})
+    # Ulysses on one unpadded document: attention after the all-to-all is a single kernel call.
+    name, uly, ring, impl = layouts[0]
+    out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring, "impl": impl,
+                "edge": "single_document_unpadded"})
     return out
 
 
@@ -52,6 +56,8 @@ def make_rows(case: dict) -> list[dict]:
     edge = case.get("edge")
     if edge == "single_document":
         return [{"input_ids": torch.randint(3, VOCAB, (97,), generator=g).tolist(), "doc_lens": [97]}]
+    if edge == "single_document_unpadded":
+        return [{"input_ids": torch.randint(3, VOCAB, (96,), generator=g).tolist(), "doc_lens": [96]}]
     # Packed rows whose documents cross shard boundaries; 203 divides by nothing useful.
     rows = [{"input_ids": torch.randint(3, VOCAB, (203,), generator=g).tolist(), "doc_lens": [50, 91, 7, 55]}]
     if edge == "padding_only_shard":

@@ -109,6 +109,72 @@ def test_local_document_masked_attention_matches_a_dense_mask():
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=5e-6)
 
 
+def _key_coverage(plan: RingPlan, call_list, q_rank: int, k_rank: int) -> torch.Tensor:
+    """How often each (global query, global key) pair is computed by the given kernel calls."""
+    q_pos = torch.cat([torch.arange(c.start, c.start + c.length) for c in plan.chunks(q_rank)])
+    k_pos = torch.cat([torch.arange(c.start, c.start + c.length) for c in plan.chunks(k_rank)])
+    count = torch.zeros(plan.seq_len, plan.seq_len, dtype=torch.int64)
+    for p in call_list:
+        for i in range(p.q_start, p.q_end):
+            for j in range(p.k_start, p.k_end):
+                if not p.causal or j - p.k_start <= i - p.q_start:
+                    count[q_pos[i], k_pos[j]] += 1
+    return count
+
+
+@pytest.mark.parametrize("layout,world", [("zigzag", 2), ("zigzag", 4), ("contiguous", 4)])
+@pytest.mark.parametrize("docs", [((0, 64),), ((0, 5), (5, 30), (30, 31), (31, 64))])
+def test_joined_kernel_calls_cover_each_causal_pair_once(layout, world, docs):
+    """`RingPlan.calls` joins pieces into fewer kernel calls; every query/key pair inside a document with the
+    key not after the query is still computed exactly once, and nothing else is."""
+    length = 64
+    plan = RingPlan(layout, world, 0, length, (docs,), 1.0, get_kernel(None, torch.device("cpu")))
+    doc_of = torch.zeros(length, dtype=torch.int64)
+    for i, (s, e) in enumerate(docs):
+        doc_of[s:e] = i
+    pos = torch.arange(length)
+    wanted = ((doc_of[:, None] == doc_of[None, :]) & (pos[None, :] <= pos[:, None])).long()
+    total, n_calls, n_pieces = torch.zeros_like(wanted), 0, 0
+    for q_rank in range(world):
+        for k_rank in range(world):
+            calls = plan.calls(q_rank, k_rank, 0)
+            total += _key_coverage(plan, calls, q_rank, k_rank)
+            n_calls, n_pieces = n_calls + len(calls), n_pieces + len(plan.pieces(q_rank, k_rank, 0))
+            if layout == "zigzag" and len(docs) == 1 and q_rank != k_rank:
+                assert len(calls) == 1  # a peer's two chunks are one block for the rank's queries
+    assert torch.equal(total, wanted)
+    assert n_calls < n_pieces if layout == "zigzag" else n_calls <= n_pieces
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_causal_document_is_one_kernel_call(dtype):
+    """Batch 1, one document, no ring (Ulysses after its all-to-all): the kernel's own result is returned,
+    equal to the general path's (the same row as the first of a batch of two) and to a float64 reference."""
+    torch.manual_seed(1)
+    h, hkv, length, d = 4, 2, 40, 16
+    kernel = get_kernel(None, torch.device("cpu"))
+    plan_one = RingPlan("contiguous", 1, 0, length, (((0, length),),), d ** -0.5, kernel)
+    plan_two = RingPlan("contiguous", 1, 0, length, (((0, length),), ((0, 7), (7, length))), d ** -0.5, kernel)
+    q = torch.randn(2, h, length, d, dtype=dtype)
+    k, v = (torch.randn(2, hkv, length, d, dtype=dtype) for _ in range(2))
+    grad = torch.randn(1, h, length, d, dtype=dtype)
+    results = []
+    for plan, rows in ((plan_one, 1), (plan_two, 2)):
+        leaves = [t[:rows].clone().requires_grad_() for t in (q, k, v)]
+        out = RingAttention.apply(*leaves, plan)
+        assert out.dtype == dtype
+        out[:1].backward(grad)
+        results.append([out[:1], *(t.grad[:1] for t in leaves)])
+    qd, kd, vd = (t[:1].double().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd.repeat_interleave(2, 1), vd.repeat_interleave(2, 1),
+                                                           is_causal=True, scale=d ** -0.5)
+    ref.backward(grad.double())
+    tol = {"rtol": 0, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 3e-2}
+    for single, general, want in zip(results[0], results[1], (ref, qd.grad, kd.grad, vd.grad), strict=True):
+        torch.testing.assert_close(single.double(), want, **tol)
+        torch.testing.assert_close(single.double(), general.double(), **tol)
+
+
 def test_cuda_kernels_need_cuda():
     if torch.cuda.is_available():
         pytest.skip("this check is about CPU-only machines")  # the GPU path is checked on GPU machines
