@@ -111,18 +111,19 @@ def enumerate_layouts(shape: ModelShape, world: int, seq_len: int, *, dtype: str
 
 
 def evaluate(shape: ModelShape, layout: Layout, seq_len: int, hw: Hardware, cal: Calibration,
-             host_is_device: bool = False) -> PlanRow:
+             host_is_device: bool = False, doc_fill: float = 1.0) -> PlanRow:
     mem = memory_breakdown(shape, layout, seq_len, host_is_device=host_is_device)
-    est = step_time(shape, layout, seq_len, cal, gpus_per_node=hw.gpus_per_node)
+    est = step_time(shape, layout, seq_len, cal, gpus_per_node=hw.gpus_per_node, doc_fill=doc_fill)
     return PlanRow(layout, mem, est, fits_device=mem.peak_device <= hw.usable_device_bytes,
                    fits_host=mem.peak_host <= hw.host_bytes_per_rank)
 
 
 def plan(shape: ModelShape, seq_len: int, hw: Hardware, cal: Calibration, host_is_device: bool = False,
-         **options) -> list[PlanRow]:
+         doc_fill: float = 1.0, **options) -> list[PlanRow]:
     """Every layout, fitting ones first, each group fastest first (tokens/s). `host_is_device`: CPU ranks,
-    whose offloaded memory stays in the same RAM."""
-    rows = [evaluate(shape, lay, seq_len, hw, cal, host_is_device)
+    whose offloaded memory stays in the same RAM; `doc_fill`: Σ dᵢ² / L² of the packed rows
+    (`time_model.document_fill`; 1.0, one document per row, unless the data is known)."""
+    rows = [evaluate(shape, lay, seq_len, hw, cal, host_is_device, doc_fill)
             for lay in enumerate_layouts(shape, hw.gpus, seq_len, **options)]
     rows.sort(key=lambda r: (not r.fits, -r.time.tokens_per_s, r.memory.peak_device))
     return rows

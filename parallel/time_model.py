@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class Calibration:
     host_bw: float = 25 * GB  # device ↔ host copies (PCIe, pinned); on CPU a memcpy
     host_adam_params_per_s: float = 2e9  # CPU AdamW (DeepSpeedCPUAdam / torch) parameters per second
     overlap: float = 0.8  # fraction of data-parallel traffic hidden behind backward compute
+    # The attention kernel's FLOP/s by the length of the rows it is called on ({"2048": ...}): tile overheads
+    # amortise over longer rows (torch's CPU flash kernel: 28 GFLOP/s at 1K, 43 at 8K). Empty: attention_flops.
+    attention_flops_by_length: dict[str, float] = field(default_factory=dict)
     gpus_per_node: int = 8
     source: str = "default"
     notes: dict = field(default_factory=dict)
@@ -62,6 +66,19 @@ class Calibration:
             raise ValueError(f"calibration {path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
         return cls(**data)
 
+    def attention_rate(self, length: float) -> float:
+        """Attention FLOP/s for kernel calls over rows of `length`: log-linear between the calibrated
+        lengths, the nearest one's rate outside them."""
+        if not self.attention_flops_by_length:
+            return self.attention_flops
+        points = sorted((int(k), v) for k, v in self.attention_flops_by_length.items())
+        if length <= points[0][0]:
+            return points[0][1]
+        for (l0, r0), (l1, r1) in zip(points, points[1:], strict=False):
+            if length <= l1:
+                return r0 + (r1 - r0) * math.log(length / l0) / math.log(l1 / l0)
+        return points[-1][1]
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
@@ -82,11 +99,25 @@ def dense_flops_per_token(shape: ModelShape) -> float:
     return 2 * (shape.params - shape.embedding_params)
 
 
-def attention_flops_per_sequence(shape: ModelShape, seq_len: int, causal: bool = True) -> float:
+def attention_flops_per_sequence(shape: ModelShape, seq_len: int, causal: bool = True, doc_fill: float = 1.0
+                                 ) -> float:
     """Forward FLOPs of QKᵀ and PV of one sequence over all layers: 4 · L² · q_width per layer, halved
-    by a causal kernel that skips masked blocks (transformers' sdpa with a document mask does not)."""
+    by a causal kernel that skips masked blocks (transformers' sdpa with a document mask does not).
+
+    `doc_fill` is the share of the row's L² inside its documents, Σ dᵢ² / L² (`document_fill`); a kernel
+    that skips masked blocks computes only those (longtune's block kernels, one call per document).
+    """
     full = 4 * seq_len**2 * shape.q_width * shape.layers
-    return full / 2 if causal else full
+    return full / 2 * doc_fill if causal else full
+
+
+def document_fill(doc_lens: Iterable[Sequence[int]], seq_len: int) -> float:
+    """Mean over rows of Σ dᵢ² / L²: the share of causal attention work a document-masked row keeps
+    (1.0 when one document fills the row; packed short documents make it small)."""
+    fills = [sum(d * d for d in lens) / seq_len**2 for lens in doc_lens]
+    if not fills:
+        raise ValueError("document_fill needs at least one row")
+    return sum(fills) / len(fills)
 
 
 def forward_multiplier(layout: Layout, part: str) -> float:
@@ -109,8 +140,9 @@ def forward_multiplier(layout: Layout, part: str) -> float:
     return 3.0 + extra
 
 
-def step_flops(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
-    """(dense, attention) FLOPs per rank of one optimizer step (all micro-batches)."""
+def step_flops(shape: ModelShape, layout: Layout, seq_len: int, doc_fill: float = 1.0) -> tuple[float, float]:
+    """(dense, attention) FLOPs per rank of one optimizer step (all micro-batches); `doc_fill`: see
+    `attention_flops_per_sequence` (used with layout.attention == "flash" only)."""
     rows = layout.micro_batch * layout.grad_accum  # per dp replica
     tokens = rows * seq_len
     h, inter = shape.hidden, shape.intermediate
@@ -119,7 +151,8 @@ def step_flops(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, 
     rest = dense_flops_per_token(shape) - mlp - head
     dense = tokens * (rest * forward_multiplier(layout, "dense") + mlp * forward_multiplier(layout, "mlp")
                       + head * forward_multiplier(layout, "head"))
-    attn = rows * attention_flops_per_sequence(shape, seq_len, causal=layout.attention == "flash")
+    flash = layout.attention == "flash"
+    attn = rows * attention_flops_per_sequence(shape, seq_len, causal=flash, doc_fill=doc_fill if flash else 1.0)
     attn *= forward_multiplier(layout, "attention")
     # sp, tp and pp split one replica's work; dp replicas work on other rows.
     split = layout.sp * layout.tp * layout.pp
@@ -184,11 +217,22 @@ def communication(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibrat
     return out
 
 
+def kernel_length(layout: Layout, seq_len: int, doc_fill: float = 1.0) -> float:
+    """Length of the rows one attention kernel call sees: the whole row for sdpa with a mask; for the
+    block kernels a ring rank's share of it, and at most the work-weighted mean document length
+    (Σ dᵢ² / Σ dᵢ = doc_fill · L), since they are called per document."""
+    if layout.attention == "sdpa_masked":
+        return float(seq_len)
+    return min(seq_len / layout.sp_ring, doc_fill * seq_len)
+
+
 def step_time(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibration,
-              gpus_per_node: int | None = None) -> StepEstimate:
-    """Seconds of one optimizer step and its terms."""
-    dense, attn = step_flops(shape, layout, seq_len)
-    terms = {"dense_compute": dense / cal.matmul_flops, "attention_compute": attn / cal.attention_flops}
+              gpus_per_node: int | None = None, doc_fill: float = 1.0) -> StepEstimate:
+    """Seconds of one optimizer step and its terms. `doc_fill` (Σ dᵢ² / L² of the packed rows, 1.0: one
+    document per row) scales the attention of kernels that skip what the document mask hides."""
+    dense, attn = step_flops(shape, layout, seq_len, doc_fill)
+    terms = {"dense_compute": dense / cal.matmul_flops,
+             "attention_compute": attn / cal.attention_rate(kernel_length(layout, seq_len, doc_fill))}
     compute = terms["dense_compute"] + terms["attention_compute"]
     comm = communication(shape, layout, seq_len, cal, gpus_per_node)
     for name, seconds in comm.items():
@@ -332,11 +376,15 @@ def calibrate(device: str = "cpu", world: int = 2) -> Calibration:
     dtype = "bfloat16" if cuda else "float32"
     base = Calibration.gpu_default() if cuda else Calibration.cpu_default()
     matmul = measure_matmul_flops(size=8192 if cuda else 1024, dtype=dtype, device=device)
-    attention = measure_attention_flops(seq_len=16384 if cuda else 2048, heads=32 if cuda else 4,
-                                        head_dim=128 if cuda else 32, dtype=dtype, device=device)
+    heads, head_dim = (32, 128) if cuda else (4, 32)
+    lengths = (2048, 8192, 32768) if cuda else (1024, 2048, 4096, 8192)
+    by_length = {str(n): measure_attention_flops(seq_len=n, heads=heads, head_dim=head_dim, dtype=dtype,
+                                                 device=device) for n in lengths}
+    attention = by_length[str(lengths[1])]  # the single figure, for calibration files without the table
     coll = measure_collectives(world, nbytes=(256 if cuda else 16) * 2**20, backend="nccl" if cuda else "gloo")
     intra = min(coll["all_reduce"], coll["all_to_all"])
-    return Calibration(matmul_flops=matmul, attention_flops=attention, intra_bw=intra,
+    return Calibration(matmul_flops=matmul, attention_flops=attention, attention_flops_by_length=by_length,
+                       intra_bw=intra,
                        inter_bw=base.inter_bw if cuda else intra, latency_s=coll["latency_s"],
                        host_bw=base.host_bw, host_adam_params_per_s=base.host_adam_params_per_s,
                        overlap=base.overlap, gpus_per_node=base.gpus_per_node if cuda else world,

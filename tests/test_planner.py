@@ -25,7 +25,14 @@ from longtune.parallel.memory_model import (
     weights_bytes,
 )
 from longtune.parallel.planner import Hardware, enumerate_layouts, layout_problem, max_length, plan
-from longtune.parallel.time_model import Calibration, communication, step_flops, step_time
+from longtune.parallel.time_model import (
+    Calibration,
+    communication,
+    document_fill,
+    kernel_length,
+    step_flops,
+    step_time,
+)
 from longtune.train.cli import main as cli_main
 from longtune.train.plan import layout_from_recipe, recipe_for_layout, resolve_shape
 from longtune.train.recipe import load_recipe
@@ -157,6 +164,44 @@ def test_time_model_terms():
         step_time(shape, Layout(sp_ulysses=8), 65536, cal).seconds)
 
 
+def test_document_fill_scales_only_the_attention_that_skips_masked_blocks():
+    """Σ d² / L² against a brute-force count of the (query, key) pairs a causal document mask keeps, then
+    its effect: the block kernels' attention FLOPs scale by it, sdpa with the mask computes all of L²."""
+    lens = [[64], [32, 32], [10, 50, 4]]
+    pairs = [sum(d * (d + 1) // 2 for d in row) / (64 * 65 // 2) for row in lens]
+    fill = document_fill(lens, 64)
+    assert fill == pytest.approx(sum(pairs) / len(pairs), rel=0.05)
+    assert document_fill([[64]], 64) == 1.0 and document_fill([[32, 32]], 64) == 0.5
+    shape = resolve_shape("tiny-llama")
+    _, attn = step_flops(shape, Layout(), 4096)
+    _, attn_fill = step_flops(shape, Layout(), 4096, doc_fill=0.25)
+    assert attn_fill == pytest.approx(attn / 4)
+    masked = Layout(attention="sdpa_masked")
+    assert step_flops(shape, masked, 4096, doc_fill=0.25) == step_flops(shape, masked, 4096)
+    cal = Calibration.cpu_default()
+    assert step_time(shape, Layout(sp_ulysses=2), 4096, cal, doc_fill=0.3).tokens_per_s > (
+        step_time(shape, Layout(sp_ulysses=2), 4096, cal).tokens_per_s)
+
+
+def test_attention_rate_by_kernel_length():
+    """The calibrated attention FLOP/s by row length: exact at the calibrated lengths, log-linear between
+    them, clamped outside; the length a kernel call sees follows the layout and the documents."""
+    cal = Calibration.cpu_default()
+    assert cal.attention_rate(4096) == cal.attention_flops  # no table: the single figure
+    cal.attention_flops_by_length = {"1024": 20e9, "4096": 40e9}
+    assert cal.attention_rate(1024) == 20e9 and cal.attention_rate(4096) == 40e9
+    assert cal.attention_rate(2048) == pytest.approx(30e9)  # halfway in log length
+    assert cal.attention_rate(256) == 20e9 and cal.attention_rate(65536) == 40e9
+    assert kernel_length(Layout(attention="sdpa_masked"), 8192, doc_fill=0.2) == 8192
+    assert kernel_length(Layout(sp_ring=4), 8192) == 2048
+    assert kernel_length(Layout(sp_ulysses=4), 8192) == 8192
+    assert kernel_length(Layout(sp_ulysses=4), 8192, doc_fill=0.25) == 2048  # Σd²/Σd: the work-weighted doc
+    shape = resolve_shape("tiny-llama")
+    slow_short = step_time(shape, Layout(), 8192, cal, doc_fill=0.1)
+    assert slow_short.terms["attention_compute"] == pytest.approx(
+        step_flops(shape, Layout(), 8192, doc_fill=0.1)[1] / 20e9)
+
+
 def test_calibration_round_trip(tmp_path):
     cal = Calibration.cpu_default()
     cal.save(tmp_path / "c.json")
@@ -216,6 +261,7 @@ def test_write_recipe_loads(tmp_path, capsys):
     (["llama-3-8b", "--length", "4096", "--nodes", "2"], "--nodes needs --gpus-per-node"),
     (["llama-3-8b", "--length", "4096", "--bogus"], "unrecognized arguments"),
     (["llama-3-8b", "--length", "4096", "--calibration", "/no/such.json"], "--calibration"),
+    (["llama-3-8b", "--length", "4096", "--doc-fill", "1.5"], "--doc-fill must be in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(args, says, capsys):
     # In-process through the `longtune` entry (tests/test_cli.py runs `longtune plan` bad input as a subprocess).
@@ -225,7 +271,7 @@ def test_cli_bad_input_is_one_line(args, says, capsys):
 
 
 def test_one_measured_run_within_15_percent():
-    """A real 1-process, 2-step tiny run: its max RSS against the prediction with the measured baseline."""
+    """A real 1-process, 6-step tiny run: its max RSS against the prediction with the measured baseline."""
     proc = run([PYTHON, str(REPO / "benchmarks" / "memory_model.py"), "--only", "plain-1k", "--malloc", "fixed"],
                check=False, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

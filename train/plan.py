@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16, or float32 with --cpu)")
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo): offloaded memory stays in the "
                    "same RAM, attention without sequence parallelism is sdpa with the packed-document mask")
+    p.add_argument("--doc-fill", type=float, default=1.0,
+                   help="share of a row's attention inside its documents, Σ d² / L² over the packed documents' "
+                        "lengths d (default 1.0: one document per row); lower it for rows packed with shorter "
+                        "documents, whose masked blocks longtune's kernels skip (--length only)")
     p.add_argument("--top", type=int, default=10, help="rows to print")
     p.add_argument("--all", action="store_true", help="also print layouts that do not fit")
     p.add_argument("--write-recipe", metavar="PATH", default=None, help="write the best fitting layout as a recipe")
@@ -224,14 +228,17 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         cal = calibrate(device)
         cal.save(args.calibrate)
+        by_length = ", ".join(f"{int(n) // 1024}K {r / 1e9:.1f}" for n, r in cal.attention_flops_by_length.items())
         print(f"wrote {args.calibrate}: matmul {cal.matmul_flops / 1e9:.1f} GFLOP/s, attention "
-              f"{cal.attention_flops / 1e9:.1f} GFLOP/s, collectives {cal.intra_bw / 1e9:.2f} GB/s, "
+              f"{by_length} GFLOP/s by row length, collectives {cal.intra_bw / 1e9:.2f} GB/s, "
               f"latency {cal.latency_s * 1e6:.0f} µs ({device})")
         return 0
     if not args.model:
         raise PlanError("a model is needed (or --calibrate OUT.json)")
     if args.max_length == (args.length is not None):
         raise PlanError("give exactly one of --length N and --max-length")
+    if not 0 < args.doc_fill <= 1:
+        raise PlanError(f"--doc-fill must be in (0, 1], got {args.doc_fill}")
     hw = _hardware(args)
     cal = _calibration(args)
     shape = resolve_shape(args.model)
@@ -248,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [best]
     else:
         length = args.length
-        rows = plan(shape, length, hw, cal, **options)
+        rows = plan(shape, length, hw, cal, doc_fill=args.doc_fill, **options)
         if not rows:
             raise PlanError(f"no valid layout of {shape.name} on {hw.gpus} devices at length {length}")
         print(f"{shape.name}, {length} tokens, {hw.gpus} × {hw.gpu_mem_gib:g} GiB ({hw.gpus_per_node} per node), "
