@@ -393,26 +393,69 @@ def kept_logits_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
 
 
 def backward_working_set(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """Gradients alive while one layer runs backward: through the MLP the gradients of its three
-    intermediates (or of one tiled chunk), through attention dq, dk, dv and dout, plus the residual
-    gradient and the gradient into the norm."""
+    """Gradients alive while one layer runs backward, in its heavier phase (`layer_backward_phases`
+    without the recomputed layer and the sequence-parallel buffers): max(the MLP's three intermediate
+    gradients (or one tiled chunk's) + 2 hidden, dq dk dv dout + 1 hidden)."""
+    mlp, attention = _phase_gradients(shape, layout, seq_len)
+    return max(mlp, attention)
+
+
+def _phase_gradients(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
+    """(MLP phase, attention phase) gradient bytes of one layer's backward.
+
+    MLP phase: the gradients of the MLP's intermediates (one chunk when tiled) plus the residual stream's
+    gradient and the gradient into the post-attention norm. Attention phase: dq, dk, dv and dout plus the
+    residual gradient (the MLP's gradients are gone by then)."""
     tokens = tokens_per_rank(seq_len, layout)
     b = _act_bytes(layout)
     mlp_tokens = min(tokens, layout.micro_batch * layout.tiled_mlp_chunk) if layout.tiled_mlp_chunk else tokens
-    mlp = 3 * shape.intermediate / layout.tp * b * mlp_tokens
-    attn = 4 * shape.q_width / layout.tp * b * tokens
-    return max(mlp, attn) + 2 * shape.hidden * b * tokens
+    mlp = 3 * shape.intermediate / layout.tp * b * mlp_tokens + 2 * shape.hidden * b * tokens
+    attention = (4 * shape.q_width / layout.tp + shape.hidden) * b * tokens
+    return mlp, attention
 
 
-def recompute_working_set(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """A recomputed layer's activations exist again during its backward (one layer at a time); a tiled MLP
-    recomputes one chunk's intermediates."""
+def _layer_recomputed(layout: Layout) -> bool:
+    return layout.recompute == "full" or (layout.recompute == "selective" and not layout.recompute_modules)
+
+
+def recompute_working_set(shape: ModelShape, layout: Layout, seq_len: int, *, host_is_device: bool = False) -> float:
+    """A recomputed layer's activations exist again during its backward (one layer at a time), except its
+    input: that is the checkpoint itself (counted with the activations) unless an offloaded checkpoint is
+    brought back to a separate device; a tiled MLP recomputes one chunk's intermediates."""
     tokens = tokens_per_rank(seq_len, layout)
-    if layout.recompute == "full" or (layout.recompute == "selective" and not layout.recompute_modules):
-        return layer_saved_per_token(shape, layout, seq_len) * tokens
+    if _layer_recomputed(layout):
+        again = layer_saved_per_token(shape, layout, seq_len)
+        if not layout.offload_checkpoints or host_is_device:
+            again -= checkpoint_input_per_token(shape, layout)
+        return again * tokens
     if layout.tiled_mlp_chunk:
         return mlp_saved_per_token(shape, layout) * min(tokens, layout.micro_batch * layout.tiled_mlp_chunk)
     return 0.0
+
+
+def layer_backward_phases(shape: ModelShape, layout: Layout, seq_len: int, *,
+                          host_is_device: bool = False) -> dict[str, float]:
+    """Bytes on top of the standing terms while one layer runs backward, per phase; the peak is the larger.
+
+    - `mlp`: the recomputed layer's activations (all of them: backward starts at the MLP) and the MLP
+      phase's gradients.
+    - `attention`: the MLP's and the post-attention norm's saved tensors are freed by then (recomputed
+      layers: both are part of the recomputed set); the attention gradients, or at the all-to-all / ring
+      exchange moments the sequence-parallel buffers, whichever is larger, with the residual gradient.
+    Measured (docs/memory.md, a sampler labelled by the running module): under recompute + tiled MLP the
+    peak is in the MLP phase, one process and Ulysses alike; the Ulysses buffers do not add to it."""
+    mlp_grads, attention_grads = _phase_gradients(shape, layout, seq_len)
+    again = recompute_working_set(shape, layout, seq_len, host_is_device=host_is_device)
+    freed = 0.0
+    if _layer_recomputed(layout):
+        tokens = tokens_per_rank(seq_len, layout)
+        freed = tokens * (norm_saved_per_token(shape, layout) / 2
+                          + (0.0 if layout.tiled_mlp_chunk else mlp_saved_per_token(shape, layout)))
+    elif layout.tiled_mlp_chunk:
+        freed = again  # the chunk's recomputed intermediates are gone after the MLP
+    residual = _act_bytes(layout) * shape.hidden * tokens_per_rank(seq_len, layout)
+    exchange = sequence_parallel_buffers(shape, layout, seq_len) + residual
+    return {"mlp": again + mlp_grads, "attention": again - freed + max(attention_grads, exchange)}
 
 
 def sequence_parallel_buffers(shape: ModelShape, layout: Layout, seq_len: int) -> float:
@@ -457,10 +500,9 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     out.transient["logits_loss"] = logits_loss_bytes(shape, layout, seq_len) + (grads_top or 0.0)
     out.transient["layer_backward"] = (kept_logits_bytes(shape, layout, seq_len)
                                        + (grads_top or 0.0) - final_norm_saved_bytes(shape, layout, seq_len)
-                                       + backward_working_set(shape, layout, seq_len)
-                                       + recompute_working_set(shape, layout, seq_len)
-                                       + unsharded_layer_bytes(shape, layout)
-                                       + sequence_parallel_buffers(shape, layout, seq_len))
+                                       + max(layer_backward_phases(shape, layout, seq_len,
+                                                                   host_is_device=host_is_device).values())
+                                       + unsharded_layer_bytes(shape, layout))
     if grads_top is not None:
         out.transient["optimizer_step"] = grads + optimizer_step_temporaries(shape, layout, host_is_device)
     if host_is_device:

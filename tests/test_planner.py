@@ -15,6 +15,7 @@ from longtune.parallel.memory_model import (
     ddp_bucket_bytes,
     gradients_bytes,
     kept_logits_bytes,
+    layer_backward_phases,
     logits_loss_bytes,
     mask_bytes,
     memory_breakdown,
@@ -120,11 +121,39 @@ def test_transients_by_hand():
     # Backward through one layer: max(3 MLP gradients, dq dk dv dout) + 2 hidden.
     assert backward_working_set(SMALL, FP32, L) == L * 4 * (max(3 * 16, 4 * 8) + 2 * 8)
     assert recompute_working_set(SMALL, FP32, L) == 0
-    assert recompute_working_set(SMALL, Layout(recompute="full", dtype="float32"), L) == L * 560
+    # A recomputed layer again, less its input: that is the checkpoint (560 - 32), unless an offloaded
+    # checkpoint comes back to a separate device.
+    assert recompute_working_set(SMALL, Layout(recompute="full", dtype="float32"), L) == L * 528
+    offloaded = Layout(recompute="full", offload_checkpoints=True, dtype="float32")
+    assert recompute_working_set(SMALL, offloaded, L) == L * 560
+    assert recompute_working_set(SMALL, offloaded, L, host_is_device=True) == L * 528
     assert recompute_working_set(SMALL, Layout(tiled_mlp_chunk=4, dtype="float32"), L) == 4 * 256
     # Ulysses: send + receive buffers of q + 2 kv (8 + 2·8) per local token; ring: 4 k + v blocks.
     assert sequence_parallel_buffers(SMALL, Layout(sp_ulysses=2, dtype="float32"), L) == 2 * 4 * 5 * 24
     assert sequence_parallel_buffers(SMALL, Layout(sp_ring=2, dtype="float32"), L) == 4 * 4 * 5 * 8
+
+
+def test_layer_backward_phases_by_hand():
+    # Full recompute + tiled MLP (chunk 4), one process: the recomputed layer is norms 200 + attention 104
+    # less its input (the checkpoint, 32) = 272 bytes per token.
+    # MLP phase: + one chunk's three MLP gradients (4 tokens x 3 x 16 x 4) + residual and norm gradients (2 x 32).
+    # Attention phase: the post-attention norm's half of the norms (100) is gone; dq dk dv dout (4 x 8 x 4) +
+    # the residual gradient (32).
+    layout = Layout(recompute="full", tiled_mlp_chunk=4, dtype="float32")
+    phases = layer_backward_phases(SMALL, layout, L)
+    assert phases == {"mlp": L * (272 + 64) + 4 * 192, "attention": L * (272 - 100 + 160)}
+    # Ulysses 2 (5 local tokens): attention saves 168 per token (the KV head replicated, o_proj's input), so
+    # the recomputed layer is 200 + 168 - 32 = 336. The all-to-all buffers (2 x 4 x 24 per token) + residual
+    # replace the attention gradients at the exchange; they are not added to the MLP phase, the peak.
+    uly = Layout(recompute="full", tiled_mlp_chunk=4, sp_ulysses=2, dtype="float32")
+    phases = layer_backward_phases(SMALL, uly, L)
+    exchange = sequence_parallel_buffers(SMALL, uly, L) + 5 * 32
+    assert phases == {"mlp": 5 * (336 + 64) + 4 * 192, "attention": 5 * (336 - 100) + exchange}
+    assert memory_breakdown(SMALL, uly, L).transient["layer_backward"] == pytest.approx(
+        kept_logits_bytes(SMALL, uly, L) + 4 * (SMALL.head_params + SMALL.layer_params) - 5 * 12 * 8
+        + max(phases.values()))
+    # Without recomputation the saved tensors are standing activations; the phases add gradients only.
+    assert layer_backward_phases(SMALL, FP32, L) == {"mlp": L * 256, "attention": L * 160}
 
 
 def test_monotonicity():
