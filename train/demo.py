@@ -5,7 +5,7 @@
 2. **extend**: the shipped base model `tiny-base-256` (trained at 256 tokens, see
    `recipes/models/tiny-base-256/README.md`) fine-tuned to the target length once per method
    (`recipes/demo-extend-pi.yaml`, `recipes/demo-extend-yarn.yaml`) on 2 processes with sequence
-   parallelism (zigzag ring, sp = 2).
+   parallelism (Ulysses, sp = 2).
 3. **evaluate** the base model (direct extrapolation) and every extended model: passkey over lengths ×
    depths and perplexity against length (`longtune eval`'s functions, one process).
 4. **compare**: `results.md` (the side-by-side table), `passkey_heatmaps.png` and `perplexity.png` in
@@ -115,6 +115,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     if args.target_length <= original:
         raise DemoError(f"--target-length {args.target_length} must exceed the base model's "
                         f"{original} positions")
+    heads = int(config["num_attention_heads"])
+    if heads % args.nproc:
+        raise DemoError(f"--nproc {args.nproc}: Ulysses sequence parallelism splits the base model's {heads} "
+                        f"attention heads over the processes; use a divisor of {heads}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -133,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         run_dir = out / method
         overrides = [f"model.name_or_path={base_dir}", f"data.path={data}", f"train.output_dir={run_dir}",
                      f"extension.target_length={args.target_length}", f"train.seq_len={args.target_length}",
-                     f"parallel.sp.ring={args.nproc}", "train.resume=false"]
+                     f"parallel.sp.ulysses={args.nproc}", "train.resume=false"]
         if args.steps:
             overrides.append(f"train.max_steps={args.steps}")
         _run(_longtune("train", str(RECIPES_DIR / f"demo-extend-{method}.yaml"), *overrides), f"extend {method}")
