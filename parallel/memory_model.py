@@ -392,14 +392,6 @@ def kept_logits_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     return tokens_per_rank(seq_len, layout) * shape.vocab * (2 if layout.dtype == "bfloat16" else 4)
 
 
-def backward_working_set(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """Gradients alive while one layer runs backward, in its heavier phase (`layer_backward_phases`
-    without the recomputed layer and the sequence-parallel buffers): max(the MLP's three intermediate
-    gradients (or one tiled chunk's) + 2 hidden, dq dk dv dout + 1 hidden)."""
-    mlp, attention = _phase_gradients(shape, layout, seq_len)
-    return max(mlp, attention)
-
-
 def _phase_gradients(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
     """(MLP phase, attention phase) gradient bytes of one layer's backward.
 

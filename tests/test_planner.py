@@ -11,7 +11,6 @@ from longtune.parallel.memory_model import (
     ModelShape,
     activation_terms,
     attention_saved_per_token,
-    backward_working_set,
     ddp_bucket_bytes,
     gradients_bytes,
     kept_logits_bytes,
@@ -104,7 +103,7 @@ def test_unsharded_gradients_by_phase():
     assert top < 4 * SMALL.params
     assert plain.transient["logits_loss"] == logits_loss_bytes(SMALL, FP32, L) + top
     assert plain.transient["layer_backward"] == pytest.approx(
-        kept_logits_bytes(SMALL, FP32, L) + backward_working_set(SMALL, FP32, L) + top - 12 * 8 * L)
+        kept_logits_bytes(SMALL, FP32, L) + max(layer_backward_phases(SMALL, FP32, L).values()) + top - 12 * 8 * L)
     cpu = memory_breakdown(SMALL, FP32, L, host_is_device=True)
     assert cpu.transient["optimizer_step"] == 4 * SMALL.params + 2 * 4 * SMALL.vocab * SMALL.hidden
     # Sharded (FSDP), offloaded or pipelined gradients stay a standing term, with no step transient.
@@ -118,8 +117,8 @@ def test_transients_by_hand():
     # logits, log-softmax, their gradients: 4 × tokens × vocab × 4 bytes.
     assert logits_loss_bytes(SMALL, FP32, L) == 4 * L * 32 * 4
     assert logits_loss_bytes(SMALL, Layout(tiled_loss_chunk=4, dtype="float32"), L) == 4 * 4 * 32 * 4
-    # Backward through one layer: max(3 MLP gradients, dq dk dv dout) + 2 hidden.
-    assert backward_working_set(SMALL, FP32, L) == L * 4 * (max(3 * 16, 4 * 8) + 2 * 8)
+    # Backward through one layer: max(3 MLP gradients + 2 hidden, dq dk dv dout + 1 hidden).
+    assert max(layer_backward_phases(SMALL, FP32, L).values()) == L * 4 * max(3 * 16 + 2 * 8, 4 * 8 + 8)
     assert recompute_working_set(SMALL, FP32, L) == 0
     # A recomputed layer again, less its input: that is the checkpoint (560 - 32), unless an offloaded
     # checkpoint comes back to a separate device.
