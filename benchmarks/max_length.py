@@ -16,7 +16,8 @@ Llama-3), untied embeddings, fp32, AdamW. Rows:
 interpreter, libraries, weights, gradients, AdamW state, activations. glibc's mmap threshold is fixed at
 64 KiB (`MALLOC_MMAP_THRESHOLD_=65536`) so that every tensor is its own mapping, returned on free, and max RSS
 is live memory plus the process baseline (see benchmarks/memory_model.py). Nothing enforces the budget; a
-length "fits" when a real run at that length, one optimizer step after a warm-up step, peaks at or below it.
+length "fits" when a real run at that length peaks at or below it: for (a) one optimizer step after a warm-up
+step, for longtune three optimizer steps (see LONGTUNE_BASE).
 For sp > 1 the budget is per process (each rank its own peak). On CPU, host memory *is* the process's memory:
 checkpoint offload moves tensors between two places of the same budget, so it cannot raise the maximum here
 (on a GPU it moves them out of device memory); the table shows its cost and that it does not add memory.
