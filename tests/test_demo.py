@@ -35,6 +35,22 @@ def test_shipped_base_model_ships_its_provenance():
     assert steps[-1]["step"] == recipe["train"]["max_steps"] and steps[-1]["loss"] < steps[0]["loss"] / 4
 
 
+def test_shipped_base_prep_trains_the_eval_prompts_at_256():
+    """`longtune eval` at 256 tokens builds prompts of 5 filler sentences; the base model's prep must hold
+    samples with as many sentences for every key length, whole (prompt + answer + EOS) within a 256 row."""
+    from longtune.data_prep.synthetic import landmark_prompt
+    from longtune.train.evaluate.common import encode, load_tokenizer
+
+    prep = yaml.safe_load((BASE / "prep.yaml").read_text())
+    longest = max(s["length_tokens"] for s in prep["sources"] if s["type"] == "passkey")
+    tok = load_tokenizer(BASE)
+    for key in (7, 42, 3995, 39954, 12345, 50000):  # answers of 2 … 6 tokens
+        evaluated, _ = landmark_prompt(lambda t: encode(tok, t), [tok.bos_token_id], 256, 0.0, key)
+        trained, _ = landmark_prompt(lambda t: encode(tok, t), [tok.bos_token_id], longest, 0.0, key)
+        assert len(trained) == len(evaluated), (key, len(trained), len(evaluated))  # same sentence count
+        assert len(trained) + len(encode(tok, f" {key}.")) + 1 <= prep["seq_len"], key
+
+
 def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     done = longtune("demo", "--out", str(out), "--target-length", "512", "--steps", "2", "--trials", "1",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped base model `tiny-base-256` from scratch on CPU and installs it into
 # recipes/models/tiny-base-256 (weights, config, tokenizer, recipe, metrics, passkey check).
-#   bash examples/base-model/train.sh            # about 25 min on one CPU core
+#   bash examples/base-model/train.sh            # about 15 min on one CPU core
 # Same torch version (and the script fixes one thread) → the same weights, bit for bit (CPU kernels are deterministic).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
