@@ -8,7 +8,8 @@ import json
 import yaml
 
 from conftest import longtune
-from longtune.train.evaluate.common import load_model
+from longtune.data_prep.synthetic import landmark_prompt
+from longtune.train.evaluate.common import encode, load_model, load_tokenizer
 from longtune.train.evaluate.passkey import run_passkey
 from longtune.train.model import shipped_model_dir
 
@@ -38,9 +39,6 @@ def test_shipped_base_model_ships_its_provenance():
 def test_shipped_base_prep_trains_the_eval_prompts_at_256():
     """`longtune eval` at 256 tokens builds prompts of 5 filler sentences; the base model's prep must hold
     samples with as many sentences for every key length, whole (prompt + answer + EOS) within a 256 row."""
-    from longtune.data_prep.synthetic import landmark_prompt
-    from longtune.train.evaluate.common import encode, load_tokenizer
-
     prep = yaml.safe_load((BASE / "prep.yaml").read_text())
     longest = max(s["length_tokens"] for s in prep["sources"] if s["type"] == "passkey")
     tok = load_tokenizer(BASE)
