@@ -215,8 +215,9 @@ def top_of_backward_gradient_bytes(shape: ModelShape, layout: Layout) -> float |
     loss and the top layers' backward) only lm_head's, the final norm's and one layer's exist; all of them
     only at the optimizer step. None where gradients are a standing term instead: sharded (ZeRO-2+ / FSDP,
     reduce-scattered as they come), on the host (parameter offload), or pipelined (a stage accumulates
-    its gradients over all micro-batches while their activations are alive)."""
-    if _sharded(layout, "grads") or layout.offload_params or layout.pp > 1:
+    its gradients over all micro-batches while their activations are alive), or under DDP (they are views into
+    its all-reduce buckets, allocated when the model is wrapped)."""
+    if _sharded(layout, "grads") or layout.offload_params or layout.pp > 1 or _ddp_replicated(layout):
         return None
     return 4 * (shape.head_params + shape.layer_params / layout.tp)
 
@@ -230,12 +231,11 @@ def optimizer_step_temporaries(shape: ModelShape, layout: Layout, host_is_device
     return 4 * params_per_rank(shape, layout)
 
 
-def ddp_bucket_bytes(shape: ModelShape, layout: Layout) -> float:
-    """DDP copies gradients into its own all-reduce buckets (gradient_as_bucket_view is off): one more
-    fp32 copy of the gradients when dp × sp > 1 without sharding."""
-    if layout.sharding != "ddp" or layout.shard_group == 1:
-        return 0.0
-    return 4 * params_per_rank(shape, layout)
+def _ddp_replicated(layout: Layout) -> bool:
+    """DDP wraps the model (dp × sp > 1 without sharding): longtune passes gradient_as_bucket_view=True, so
+    the gradients are views into DDP's all-reduce buckets, one fp32 copy allocated at wrapping, standing from
+    then on (without it DDP would hold a second copy)."""
+    return layout.sharding == "ddp" and layout.shard_group > 1
 
 
 def unsharded_layer_bytes(shape: ModelShape, layout: Layout) -> float:
@@ -481,7 +481,6 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     if grads_top is None:
         (host if layout.offload_params else dev)["gradients"] = grads
     (host if layout.offload_optimizer or layout.offload_params else dev)["optimizer"] = opt
-    dev["ddp_buckets"] = ddp_bucket_bytes(shape, layout)
     dev["autocast_weights"] = autocast_weight_bytes(shape, layout)
     act_dev, act_host = activation_terms(shape, layout, seq_len)
     dev["activations"] = act_dev
@@ -497,6 +496,8 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
                                        + unsharded_layer_bytes(shape, layout))
     if grads_top is not None:
         out.transient["optimizer_step"] = grads + optimizer_step_temporaries(shape, layout, host_is_device)
+    elif _ddp_replicated(layout):  # the gradients are standing (DDP's buckets)
+        out.transient["optimizer_step"] = optimizer_step_temporaries(shape, layout, host_is_device)
     if host_is_device:
         for name, value in list(host.items()):
             dev[f"{name} (host)"] = value

@@ -11,7 +11,6 @@ from longtune.parallel.memory_model import (
     ModelShape,
     activation_terms,
     attention_saved_per_token,
-    ddp_bucket_bytes,
     gradients_bytes,
     kept_logits_bytes,
     layer_backward_phases,
@@ -61,8 +60,6 @@ def test_weights_gradients_optimizer_by_hand():
     fsdp = Layout(dp=2, sp_ulysses=2, sharding="fsdp", dtype="float32")  # shards over dp × sp = 4
     assert (weights_bytes(SMALL, fsdp), gradients_bytes(SMALL, fsdp), optimizer_bytes(SMALL, fsdp)) == (
         1704, 1704, 2 * 1704)
-    assert ddp_bucket_bytes(SMALL, FP32) == 0
-    assert ddp_bucket_bytes(SMALL, Layout(dp=2, dtype="float32")) == 4 * 1704
     # tp shards the layers only; pp keeps its stage's layers and the larger end (embeddings or head).
     assert weights_bytes(SMALL, Layout(tp=2, dtype="float32")) == 4 * (592 + 256 + 264)
     assert weights_bytes(SMALL, Layout(pp=2, grad_accum=2, dtype="float32")) == 4 * (592 + 264)
@@ -94,7 +91,7 @@ def test_activations_by_hand():
 
 
 def test_unsharded_gradients_by_phase():
-    # One process (or DDP): while the activations peak only lm_head's, the final norm's and one layer's
+    # One process: while the activations peak only lm_head's, the final norm's and one layer's
     # gradients exist; all 4·P of them only at the optimizer step. The final norm's 12·h per token is freed
     # before the layers' backward.
     plain = memory_breakdown(SMALL, FP32, L)
@@ -111,6 +108,13 @@ def test_unsharded_gradients_by_phase():
         mem = memory_breakdown(SMALL, layout, L)
         assert mem.device["gradients"] == gradients_bytes(SMALL, layout)
         assert "optimizer_step" not in mem.transient
+    # DDP (dp × sp > 1): gradient_as_bucket_view makes the gradients DDP's buckets, standing from wrapping on,
+    # one copy; the step adds AdamW's scratch only.
+    ddp = Layout(dp=2, dtype="float32")
+    mem = memory_breakdown(SMALL, ddp, L, host_is_device=True)
+    assert mem.device["gradients"] == 4 * SMALL.params
+    assert mem.transient["optimizer_step"] == 2 * 4 * SMALL.vocab * SMALL.hidden
+    assert mem.transient["logits_loss"] == logits_loss_bytes(SMALL, ddp, L)
 
 
 def test_transients_by_hand():
@@ -148,9 +152,9 @@ def test_layer_backward_phases_by_hand():
     phases = layer_backward_phases(SMALL, uly, L)
     exchange = sequence_parallel_buffers(SMALL, uly, L) + 5 * 32
     assert phases == {"mlp": 5 * (336 + 64) + 4 * 192, "attention": 5 * (336 - 100) + exchange}
+    # Under sp = 2 DDP wraps the model: the gradients are its standing buckets, not a transient term.
     assert memory_breakdown(SMALL, uly, L).transient["layer_backward"] == pytest.approx(
-        kept_logits_bytes(SMALL, uly, L) + 4 * (SMALL.head_params + SMALL.layer_params) - 5 * 12 * 8
-        + max(phases.values()))
+        kept_logits_bytes(SMALL, uly, L) - 5 * 12 * 8 + max(phases.values()))
     # Without recomputation the saved tensors are standing activations; the phases add gradients only.
     assert layer_backward_phases(SMALL, FP32, L) == {"mlp": L * 256, "attention": L * 160}
 
