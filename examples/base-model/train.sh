@@ -2,7 +2,9 @@
 # Trains the shipped base model `tiny-base-256` from scratch on CPU and installs it into
 # recipes/models/tiny-base-256 (weights, config, tokenizer, recipe, metrics, passkey check).
 #   bash examples/base-model/train.sh            # 4,500 steps in three stages: 35-80 min on one CPU core
-# Same torch version (and the script fixes one thread) → the same weights, bit for bit (CPU kernels are deterministic).
+# Same torch version, one thread (fixed below) and the same CPU kind → the same weights, bit for bit. torch picks
+# its CPU kernels by instruction set (AVX2 / AVX512 / AMX), and they round differently: on another CPU kind the
+# run diverges by rounding from the first steps and gives a model of similar quality, not the same bytes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LONGTUNE=${LONGTUNE:-longtune}
