@@ -156,8 +156,9 @@ def _parallelize_part(model: nn.Module, dims: ParallelDims, mesh, dp_mesh, *, da
     if data_parallel == "ddp" and dims.dp * dims.sp > 1:
         device_ids = [device.index] if device is not None and device.type == "cuda" else None
         group = dp_mesh.get_group() if dp_mesh is not None else None  # pipeline: this stage's replicas
-        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second
-        # fp32 copy of every gradient (one more model's worth of memory per rank without it).
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets. Without it each
+        # gradient also exists as its own tensor: all of them at the optimizer step, the top layers' (lm_head
+        # first) while the activations peak (docs/memory.md).
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group,
                                        gradient_as_bucket_view=True)
     return model
