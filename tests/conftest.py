@@ -96,8 +96,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def assert_same_export(got_dir, want_dir) -> None:
     """A parallel run's HF export holds the whole trained weights of the 1-process run. Adam turns
-    summation-order noise in the tiny gradients of rare embedding rows into a few % of one LR step, hence
-    atol 1e-4 (unsharded values are ~1e-2; a missing gather or stage would be off by that much)."""
+    summation-order noise in the tiny gradients of rare embedding rows into a few % of one LR step (tp = 2 on
+    an AVX512 Xeon: one of 262,144 embedding values off by 1.6e-4, 5 % of tiny-smoke's lr 3e-3; every other
+    tensor within 2e-5), hence atol 5e-4 (unsharded values are ~1e-2; a missing gather or stage would be off
+    by that much)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,4 +108,4 @@ def assert_same_export(got_dir, want_dir) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].shape == want[name].shape, name
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=5e-4, msg=name)
