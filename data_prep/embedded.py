@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -18,14 +19,41 @@ MIN_DOCSTRING_CHARS = 200
 
 @functools.lru_cache(maxsize=1)
 def embedded_documents() -> tuple[str, ...]:
-    """All documents, in a fixed order: reference topics first, then module docstrings by file name."""
+    """All documents, in a fixed order: reference topics first, then module docstrings by file name.
+
+    Parsing the standard library takes seconds, so the result is kept in longtune's on-disk cache
+    (`longtune.data_prep.cache`), keyed by the Python version and the size and time of every file read."""
+    import json
+
+    from .cache import cache_key, cached_text
+
+    files = _source_files()
+    key = cache_key([sys.version, str(MIN_DOCSTRING_CHARS), *(_file_identity(path) for path in files)])
+    return tuple(json.loads(cached_text("embedded-corpus", key, lambda: json.dumps(_read_documents(files)))))
+
+
+def _source_files() -> list[Path]:
+    import pydoc_data.topics as topics
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [Path(topics.__file__), *sorted(stdlib.glob("*.py"))]
+
+
+def _file_identity(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{path}:missing"
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_documents(files: list[Path]) -> list[str]:
     import pydoc_data.topics as topics
 
     docs = [topics.topics[name] for name in sorted(topics.topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py")):
+    for path in files[1:]:
         docs.extend(_long_docstrings(path))
-    return tuple(doc for doc in docs if doc.strip())
+    return [doc for doc in docs if doc.strip()]
 
 
 def _long_docstrings(path: Path) -> list[str]:

@@ -21,11 +21,12 @@ def tokenizer():
 
 
 def test_embedded_tokenizer_is_deterministic_and_round_trips(tokenizer):
-    from longtune.train.tokenizer import _embedded_tokenizer_json
+    from tokenizers import Tokenizer
 
-    _embedded_tokenizer_json.cache_clear()
-    again = embedded_tokenizer()
-    assert again.get_vocab() == tokenizer.get_vocab()
+    from longtune.train.tokenizer import train_embedded_tokenizer_json
+
+    trained_now = Tokenizer.from_str(train_embedded_tokenizer_json(len(tokenizer)))  # bypasses the disk cache
+    assert trained_now.get_vocab() == tokenizer.get_vocab()
     text = "def passkey(value): return 'The pass key is 71432.'"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0

@@ -14,6 +14,19 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
 @functools.lru_cache(maxsize=4)
 def _embedded_tokenizer_json(vocab_size: int) -> str:
+    """The trained tokenizer's JSON, from longtune's on-disk cache when it holds this corpus, vocabulary
+    size and `tokenizers` version (`longtune.data_prep.cache`)."""
+    import tokenizers
+
+    from longtune.data_prep.cache import cache_key, cached_text
+    from longtune.data_prep.embedded import corpus_fingerprint
+
+    key = cache_key([tokenizers.__version__, str(vocab_size), *SPECIAL_TOKENS.values(), corpus_fingerprint()])
+    return cached_text(f"embedded-tokenizer-{vocab_size}", key, lambda: train_embedded_tokenizer_json(vocab_size))
+
+
+def train_embedded_tokenizer_json(vocab_size: int) -> str:
+    """Byte-level BPE trained on the embedded corpus, as JSON (no cache)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from longtune.data_prep.embedded import embedded_documents
