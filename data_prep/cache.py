@@ -1,5 +1,5 @@
 """A small on-disk cache for text that is slow to derive but fully determined by its inputs: the embedded
-corpus (3 s of parsing the standard library per process) and the embedded tokenizer trained on it.
+corpus (about a second of parsing the standard library per process) and the embedded tokenizer trained on it.
 
 Entries are plain text (JSON), never pickles, named by a SHA-256 of everything they are derived from, so
 a changed input is a new name, never a stale hit. Writes go to a temporary file renamed into place, so
