@@ -9,7 +9,8 @@ Llama-3), untied embeddings, fp32, AdamW. Rows:
 (a) stock HF: transformers' `LlamaForCausalLM` with sdpa, `gradient_checkpointing_enable()`, the model's own
     loss (`labels=`), `torch.optim.AdamW`; a plain script, nothing of longtune imported.
 (b) `longtune train` on one process adding one technique at a time: full recompute, tiled loss, tiled MLP,
-    checkpoint offload (all on at the end).
+    checkpoint offload (host tier), then the disk tier for the checkpoints, optimizer swap to disk and nested
+    norm checkpoints (all on at the end).
 (c) `longtune train` with every technique and sp = 2 and 4 (Ulysses, gloo processes).
 
 **The budget** is the peak resident memory of a process (max RSS, `getrusage`), everything included:
@@ -19,8 +20,9 @@ is live memory plus the process baseline (see benchmarks/memory_model.py). Nothi
 length "fits" when a real run at that length peaks at or below it: for (a) one optimizer step after a warm-up
 step, for longtune three optimizer steps (see LONGTUNE_BASE).
 For sp > 1 the budget is per process (each rank its own peak). On CPU, host memory *is* the process's memory:
-checkpoint offload moves tensors between two places of the same budget, so it cannot raise the maximum here
-(on a GPU it moves them out of device memory); the table shows its cost and that it does not add memory.
+checkpoint offload to host memory moves tensors between two places of the same budget, so it cannot raise the
+maximum here (on a GPU it moves them out of device memory); the disk tier (files in the run dir, on this
+machine's disk) takes them out of the process, as host offload takes them out of a GPU.
 
 Per row: peaks at two probe lengths give the bytes per token (a linear fit; the O(L²) attention terms are
 absent with sdpa/flash without a mask), the fit predicts the maximum length under the budget, rounded down to a
@@ -68,6 +70,11 @@ two-step run peaks up to one gradient copy lower than training does)."""
 ALL_ON = ("memory.recompute=full", "memory.tiled_loss=true", "memory.tiled_loss_chunk=256", "memory.tiled_mlp=true",
           "memory.tiled_mlp_chunk=256", "memory.offload.checkpoints=true")
 
+DISK = ("memory.offload.tier=disk", "memory.offload.optimizer_swap=true",
+        "memory.recompute_modules=[input_layernorm,post_attention_layernorm]")
+"""The disk tier (files under the run dir, on this machine's disk): checkpoints, then AdamW's state between steps;
+then the two norms of each layer as checkpoints nested in the layer's (their fp32 x·rsqrt is not kept)."""
+
 ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(a) stock HF: sdpa + gradient checkpointing", 1, ()),
     ("(b) longtune, nothing on", 1, ()),
@@ -75,6 +82,9 @@ ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(b) + tiled loss", 1, ALL_ON[:3]),
     ("(b) + tiled MLP", 1, ALL_ON[:5]),
     ("(b) + checkpoint offload = all on", 1, ALL_ON),
+    ("(b) + checkpoint offload to disk", 1, (*ALL_ON, *DISK[:1])),
+    ("(b) + optimizer swap to disk", 1, (*ALL_ON, *DISK[:2])),
+    ("(b) + nested norm checkpoints = all on, disk tier", 1, (*ALL_ON, *DISK)),
     ("(c) all on, sp = 2 (Ulysses)", 2, (*ALL_ON, "parallel.sp.ulysses=2")),
     ("(c) all on, sp = 4 (Ulysses)", 4, (*ALL_ON, "parallel.sp.ulysses=4")),
 ]

@@ -1,7 +1,7 @@
 """Where in a training step the peak memory is: the resident set sampled every 0.3 ms, labelled by the module
 running (forward, or recomputed inside backward), for one row of benchmarks/max_length.py.
 
-    OMP_NUM_THREADS=1 python benchmarks/memory_phases.py --row 6 --seq-len 12288
+    OMP_NUM_THREADS=1 python benchmarks/memory_phases.py --row 8 --seq-len 12288
 
 Runs `longtune train` (the row's recipe, 3 steps) under this file as a wrapper: global module hooks set the
 label, a sampler thread keeps the largest RSS per label, each rank writes them as JSON; the table lists, per
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from memory_model import env
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-7; default %(default)s)")
+    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-10; default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--top", type=int, default=8, help="labels shown per rank")

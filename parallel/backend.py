@@ -37,6 +37,8 @@ class BackendSettings:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    optimizer_swap: bool = False  # native: AdamW's state out of the device between steps (offload.py)
+    optimizer_swap_dir: str | None = None  # its tier: None host memory, else files under this directory
     deepspeed_config: str | None = None
     recompute: RecomputeSettings = RecomputeSettings()
     tp_sequence_parallel: bool = True

@@ -99,6 +99,8 @@ class Layout:
     offload_activations: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
+    optimizer_swap: bool = False  # AdamW's state out of the device between steps, back for the step
+    offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints and swapped state go
     tiled_loss_chunk: int = 0  # 0: off
     tiled_mlp_chunk: int = 0  # 0: off
     micro_batch: int = 1
@@ -134,9 +136,10 @@ class Layout:
             parts.append("rc-" + (self.recompute if self.recompute == "full" else
                                   "+".join(self.recompute_modules) or f"every{self.recompute_every}"))
         offloads = [n for n, on in (("ckpt", self.offload_checkpoints), ("act", self.offload_activations),
-                                    ("opt", self.offload_optimizer), ("param", self.offload_params)) if on]
+                                    ("opt", self.offload_optimizer), ("param", self.offload_params),
+                                    ("swapopt", self.optimizer_swap)) if on]
         if offloads:
-            parts.append("off-" + "+".join(offloads))
+            parts.append("off-" + "+".join(offloads) + ("-disk" if self.offload_tier == "disk" else ""))
         if self.tiled_mlp_chunk:
             parts.append(f"tmlp{self.tiled_mlp_chunk}")
         if self.tiled_loss_chunk:
@@ -148,10 +151,12 @@ class Layout:
 
 @dataclass
 class MemoryBreakdown:
-    """Per-rank bytes: `device` and `host` map term names to bytes; `peak_*` are what must fit."""
+    """Per-rank bytes: `device`, `host` and `disk` map term names to bytes; `peak_*` are what must fit."""
 
     device: dict[str, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)
+    disk: dict[str, float] = field(default_factory=dict)
+    """The disk offload tier (memory.offload.tier=disk): neither device nor host memory."""
     transient: dict[str, float] = field(default_factory=dict)
     """Working sets that exist one at a time; the peak adds only the largest."""
 
@@ -167,6 +172,7 @@ class MemoryBreakdown:
         rows = [(name, "device", b) for name, b in self.device.items()]
         rows += [(name, "transient", b) for name, b in self.transient.items()]
         rows += [(name, "host", b) for name, b in self.host.items()]
+        rows += [(name, "disk", b) for name, b in self.disk.items()]
         return rows
 
 
@@ -413,12 +419,15 @@ def _layer_recomputed(layout: Layout) -> bool:
 def recompute_working_set(shape: ModelShape, layout: Layout, seq_len: int, *, host_is_device: bool = False) -> float:
     """A recomputed layer's activations exist again during its backward (one layer at a time), except its
     input: that is the checkpoint itself (counted with the activations) unless an offloaded checkpoint is
-    brought back to a separate device; a tiled MLP recomputes one chunk's intermediates."""
+    brought back to a separate device (or, on CPU, from disk); a tiled MLP recomputes one chunk's intermediates."""
     tokens = tokens_per_rank(seq_len, layout)
     if _layer_recomputed(layout):
         again = layer_saved_per_token(shape, layout, seq_len)
-        if not layout.offload_checkpoints or host_is_device:
+        if not layout.offload_checkpoints or (host_is_device and layout.offload_tier == "host"):
             again -= checkpoint_input_per_token(shape, layout)
+        # full with nested norm checkpoints: each keeps its input only, not its fp32 x·rsqrt (the other nested
+        # sub-modules are not modelled)
+        again -= sum(name.endswith("norm") for name in layout.recompute_modules) * 4 * shape.hidden / layout.tp
         return again * tokens
     if layout.tiled_mlp_chunk:
         return mlp_saved_per_token(shape, layout) * min(tokens, layout.micro_batch * layout.tiled_mlp_chunk)
@@ -469,9 +478,11 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
                      host_is_device: bool = False) -> MemoryBreakdown:
     """Every term for one rank. `baseline_bytes`: the process before the model (on GPU: the CUDA context
     and NCCL buffers outside the allocator; on CPU: python, torch, tokenizer and corpus — measured).
-    `host_is_device`: a CPU run, where offloaded tensors stay in the same process memory."""
+    `host_is_device`: a CPU run, where tensors offloaded to host memory stay in the same process memory
+    (the disk tier takes them out of it)."""
     out = MemoryBreakdown()
     dev, host = out.device, out.host
+    tier = out.disk if layout.offload_tier == "disk" else host
     weights = weights_bytes(shape, layout)
     grads = gradients_bytes(shape, layout)
     opt = optimizer_bytes(shape, layout)
@@ -480,11 +491,18 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     grads_top = top_of_backward_gradient_bytes(shape, layout)
     if grads_top is None:
         (host if layout.offload_params else dev)["gradients"] = grads
-    (host if layout.offload_optimizer or layout.offload_params else dev)["optimizer"] = opt
+    swapped_out = layout.optimizer_swap and not (host_is_device and layout.offload_tier == "host")
+    if layout.offload_optimizer or layout.offload_params:
+        host["optimizer"] = opt
+    elif swapped_out:  # back on the device for the step only (counted in the step's transient below)
+        tier["optimizer (between steps)"] = opt
+    else:
+        dev["optimizer"] = opt
     dev["autocast_weights"] = autocast_weight_bytes(shape, layout)
     act_dev, act_host = activation_terms(shape, layout, seq_len)
     dev["activations"] = act_dev
-    host["offloaded_activations"] = act_host
+    host["offloaded_activations"] = act_host if layout.offload_activations else 0.0
+    tier["offloaded_checkpoints"] = 0.0 if layout.offload_activations else act_host
     dev["model_level_activations"] = model_level_saved_bytes(shape, layout, seq_len)
     dev["attention_mask"] = mask_bytes(layout, seq_len)
     dev["baseline"] = baseline_bytes
@@ -494,14 +512,25 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
                                        + max(layer_backward_phases(shape, layout, seq_len,
                                                                    host_is_device=host_is_device).values())
                                        + unsharded_layer_bytes(shape, layout))
+    step_state = opt if swapped_out else 0.0
     if grads_top is not None:
-        out.transient["optimizer_step"] = grads + optimizer_step_temporaries(shape, layout, host_is_device)
-    elif _ddp_replicated(layout):  # the gradients are standing (DDP's buckets)
-        out.transient["optimizer_step"] = optimizer_step_temporaries(shape, layout, host_is_device)
+        # The last layer's backward: every layer's gradient exists by then, while the layers above have
+        # freed their activations (the standing device share of them, one layer's left). With checkpoints
+        # off the device (offloaded to disk, or from a GPU) nothing is freed and this is the peak.
+        layers = math.ceil(shape.layers / layout.pp) * layout.pp
+        on_host = layout.offload_activations or layout.offload_tier == "host"
+        resident = act_dev + (act_host if host_is_device and on_host else 0.0)
+        out.transient["layer_backward (last layer)"] = (
+            out.transient["layer_backward"] - grads_top + grads - resident * (layers - 1) / layers)
+        out.transient["optimizer_step"] = (grads + step_state
+                                           + optimizer_step_temporaries(shape, layout, host_is_device))
+    elif _ddp_replicated(layout) or swapped_out:  # the gradients are standing (DDP's buckets)
+        out.transient["optimizer_step"] = step_state + optimizer_step_temporaries(shape, layout, host_is_device)
     if host_is_device:
         for name, value in list(host.items()):
             dev[f"{name} (host)"] = value
         host.clear()
     out.device = {k: v for k, v in dev.items() if v}
     out.host = {k: v for k, v in host.items() if v}
+    out.disk = {k: v for k, v in out.disk.items() if v}
     return out

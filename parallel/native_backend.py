@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
 from .dims import ParallelDims, build_mesh
+from .offload import OptimizerStateSwap, make_tier
 from .parallelize import materialize_sharded, parallelize
 from .pipeline import PipelineRunner, StageInputs, gather_stage_state_dicts
 from .tiling import LossFn
@@ -97,6 +98,12 @@ class NativeBackend(TrainingBackend):
                            for part in self.parts]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_multiplier)
                            for opt in self.optimizers]
+        # Optimizer state swapping (offload.py): AdamW's moments live in the tier between steps.
+        self._swaps = []
+        if settings.optimizer_swap:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            tier = make_tier(settings.optimizer_swap_dir, prefix=f"optimizer-rank{rank}-")
+            self._swaps = [OptimizerStateSwap(opt, tier) for opt in self.optimizers]
         self._pipeline_group = None
         self.pipeline: PipelineRunner | None = None
         if dims.pp > 1:
@@ -155,11 +162,20 @@ class NativeBackend(TrainingBackend):
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
         params = [p for part in self.parts for p in part.parameters()]
         norm = clip_grad_norm(params, max_norm, self._pipeline_group)
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        with self._optimizer_state_resident():
+            for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
         return norm
+
+    @contextlib.contextmanager
+    def _optimizer_state_resident(self):
+        """With optimizer_swap, the state comes back for the duration and leaves again after it."""
+        with contextlib.ExitStack() as stack:
+            for swap in self._swaps:
+                stack.enter_context(swap.resident())
+            yield
 
     @property
     def lr(self) -> float:
@@ -178,22 +194,26 @@ class NativeBackend(TrainingBackend):
                 "optim": {k: v for _, o in per_part for k, v in o.items()}}
 
     def save_checkpoint(self, path: Path) -> None:
-        state = self._union(self._state_dicts())
-        with _single_process_dcp():
-            dcp.save(state, checkpoint_id=str(path / "state"))
+        with self._optimizer_state_resident():
+            state = self._union(self._state_dicts())
+            with _single_process_dcp():
+                dcp.save(state, checkpoint_id=str(path / "state"))
+            del state
         if not dist.is_initialized() or dist.get_rank() == 0:
             sched = {k: v for k, v in self.schedulers[0].state_dict().items() if k != "lr_lambdas"}
             (path / "scheduler.json").write_text(json.dumps(sched))
 
     def load_checkpoint(self, path: Path) -> None:
-        per_part = self._state_dicts()
-        state = self._union(per_part)
-        with _single_process_dcp():
-            dcp.load(state, checkpoint_id=str(path / "state"))
-        options = StateDictOptions(flatten_optimizer_state_dict=True)
-        for part, opt, (model_sd, optim_sd) in zip(self.parts, self.optimizers, per_part, strict=True):
-            set_state_dict(part, opt, model_state_dict={k: state["model"][k] for k in model_sd},
-                           optim_state_dict={k: state["optim"][k] for k in optim_sd}, options=options)
+        with self._optimizer_state_resident():
+            per_part = self._state_dicts()
+            state = self._union(per_part)
+            with _single_process_dcp():
+                dcp.load(state, checkpoint_id=str(path / "state"))
+            options = StateDictOptions(flatten_optimizer_state_dict=True)
+            for part, opt, (model_sd, optim_sd) in zip(self.parts, self.optimizers, per_part, strict=True):
+                set_state_dict(part, opt, model_state_dict={k: state["model"][k] for k in model_sd},
+                               optim_state_dict={k: state["optim"][k] for k in optim_sd}, options=options)
+            del per_part, state
         sched = json.loads((path / "scheduler.json").read_text())
         for scheduler in self.schedulers:
             scheduler.load_state_dict({**sched, "lr_lambdas": [None]})

@@ -71,6 +71,8 @@ def layout_problem(shape: ModelShape, layout: Layout, seq_len: int) -> str | Non
         return "offload.checkpoints needs recompute"
     if (layout.offload_params or layout.offload_optimizer) and layout.sharding == "ddp":
         return "optimizer / parameter offload needs FSDP or ZeRO"
+    if layout.optimizer_swap and layout.sharding != "ddp":
+        return "optimizer swapping is for the native backend without FSDP"
     if layout.offload_params and layout.sharding in ("zero1", "zero2"):
         return "parameter offload needs ZeRO-3"
     return None

@@ -2,15 +2,19 @@
 
 Recomputation wraps modules in torch's non-reentrant activation checkpointing
 (`checkpoint_wrapper`): `full` wraps every decoder layer, `selective` wraps every k-th layer or,
-when sub-module names are given (e.g. `mlp`), those sub-modules of every layer. Checkpoint offload
+when sub-module names are given (e.g. `mlp`), those sub-modules of every layer. `full` with sub-module
+names nests: those sub-modules are checkpoints inside each layer's checkpoint, so that a layer's
+recomputation in backward keeps only their inputs and each one's activations exist only during its own
+backward (one more forward of each). Checkpoint offload
 keeps the inputs of those checkpointed modules (the hidden states a checkpoint saves for its
-recomputation) in host memory. Activation offload keeps every tensor autograd saves in host memory
-(`torch.autograd.graph.save_on_cpu`; pinned on GPU).
+recomputation) in an offload tier (`offload.py`: host memory, or files on disk). Activation offload
+keeps every tensor autograd saves in host memory (`torch.autograd.graph.save_on_cpu`; pinned on GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,44 +23,35 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
+from .offload import HostTier, OffloadTier, make_tier
+
 
 @dataclass(frozen=True)
 class RecomputeSettings:
     mode: str = "none"  # none | full | selective
     every: int = 1  # selective: every k-th decoder layer
-    modules: tuple[str, ...] = ()  # selective: these sub-modules of every layer instead
-    offload_checkpoints: bool = False  # the checkpointed modules' inputs live in host memory
+    modules: tuple[str, ...] = ()  # selective: these sub-modules of every layer instead; full: nested inside
+    offload_checkpoints: bool = False  # the checkpointed modules' inputs live in an offload tier
+    offload_dir: str | None = None  # that tier: None host memory, else files in a directory under this one
     tiled_mlp_chunk: int = 0  # tokens per TiledMLP chunk (parallel/tiling.py); 0: off
     tiled_loss_chunk: int = 0  # tokens per tiled logits + loss chunk; 0: off
 
 
-def _to_host(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-    # Always a copy, on CPU too: the same code path runs everywhere and the device tensor is released.
-    pinned = tensor.device.type == "cuda"
-    host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
-    host.copy_(tensor, non_blocking=pinned)
-    return tensor.device, host
-
-
-def _from_host(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-    device, host = packed
-    return host.to(device, non_blocking=host.is_pinned())
-
-
-def offloaded_checkpoint(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Non-reentrant checkpoint whose saved inputs go to host memory.
+def offloaded_checkpoint(module: nn.Module, *args: Any, tier: OffloadTier | None = None, **kwargs: Any) -> Any:
+    """Non-reentrant checkpoint whose saved inputs go to `tier` (default: host memory).
 
     The checkpoint saves its tensor arguments (here the hidden states) through the saved-tensor
     hooks active when it is called, while the tensors saved inside the checkpointed region go
     through the checkpoint's own hooks: so these hooks move exactly the checkpointed inputs.
     """
-    with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
+    tier = tier or HostTier()
+    with torch.autograd.graph.saved_tensors_hooks(tier.put, tier.get):
         return checkpoint(module, *args, use_reentrant=False, **kwargs)
 
 
-def _wrap(module: nn.Module, offload: bool = False) -> nn.Module:
-    if offload:
-        return checkpoint_wrapper(module, checkpoint_fn=offloaded_checkpoint)
+def _wrap(module: nn.Module, tier: OffloadTier | None = None) -> nn.Module:
+    if tier is not None:
+        return checkpoint_wrapper(module, checkpoint_fn=functools.partial(offloaded_checkpoint, tier=tier))
     return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
@@ -68,16 +63,21 @@ def apply_recompute(layers: nn.Module, settings: RecomputeSettings) -> int:
     """
     if settings.mode == "none":
         return 0
+    # One tier for all of this part's checkpoints (a directory per process and part with the disk tier).
+    tier = make_tier(settings.offload_dir, prefix="checkpoints-") if settings.offload_checkpoints else None
     wrapped = 0
     for index, layer in list(layers.named_children()):
-        if settings.mode == "selective" and settings.modules:
+        if settings.modules:
+            # selective: these sub-modules instead of whole layers. full: these sub-modules inside the layer's
+            # checkpoint too (nested), so that its backward holds one sub-module's activations at a time.
+            inner_tier = tier if settings.mode == "selective" else None
             for name in settings.modules:
                 if not isinstance(getattr(layer, name, None), nn.Module):
                     raise ValueError(f"memory.recompute_modules: decoder layer has no sub-module {name!r}")
-                setattr(layer, name, _wrap(getattr(layer, name), settings.offload_checkpoints))
+                setattr(layer, name, _wrap(getattr(layer, name), inner_tier))
                 wrapped += 1
-        elif settings.mode == "full" or int(index) % settings.every == 0:
-            setattr(layers, index, _wrap(layer, settings.offload_checkpoints))
+        if settings.mode == "full" or (not settings.modules and int(index) % settings.every == 0):
+            setattr(layers, index, _wrap(layer, tier))
             wrapped += 1
     return wrapped
 

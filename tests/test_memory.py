@@ -19,12 +19,12 @@ def _tiny(layers: int = 4):
     return build_model(source, config, device="cpu", attn_implementation="sdpa", seed=0)
 
 
-def _mlp_calls(model, settings: RecomputeSettings) -> list[int]:
+def _calls(model, settings: RecomputeSettings, module: str = "mlp") -> list[int]:
     calls = [0] * len(model.model.layers)
     for i, layer in enumerate(model.model.layers):
         # A pre-hook: non-reentrant recomputation stops early once it has what backward needs, which
         # can be before a module's forward returns.
-        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        getattr(layer, module).register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     apply_recompute(model.model.layers, settings)
     ids = torch.randint(3, 300, (1, 32))
     model(input_ids=ids).logits.sum().backward()
@@ -37,9 +37,20 @@ def _mlp_calls(model, settings: RecomputeSettings) -> list[int]:
     (RecomputeSettings("selective", every=2), [2, 1, 2, 1]),
     (RecomputeSettings("selective", modules=("mlp",)), [2, 2, 2, 2]),
     (RecomputeSettings("selective", modules=("self_attn",)), [1, 1, 1, 1]),
+    # Nested, the MLP last in the layer: the layer's recomputation stops once it has the MLP's input (all
+    # that the layer's own checkpoint saved), the MLP's checkpoint recomputes it once.
+    (RecomputeSettings("full", modules=("mlp",)), [2, 2, 2, 2]),
 ])
 def test_recompute_runs_the_chosen_modules_again_in_backward(settings, expected):
-    assert _mlp_calls(_tiny(), settings) == expected
+    assert _calls(_tiny(), settings) == expected
+
+
+def test_nested_recompute_runs_an_inner_module_once_more():
+    # The attention inside the layer: forward, the layer's recomputation (which must get past it), and
+    # its own recomputation during its backward; the layer's recomputation keeps only its input.
+    settings = RecomputeSettings("full", modules=("self_attn",))
+    assert _calls(_tiny(), settings, "self_attn") == [3, 3, 3, 3]
+    assert _calls(_tiny(), RecomputeSettings("full"), "self_attn") == [2, 2, 2, 2]
 
 
 def test_recompute_and_offload_give_identical_gradients():
@@ -54,8 +65,10 @@ def test_recompute_and_offload_give_identical_gradients():
         return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 
     base = grads(RecomputeSettings("none"), False)
+    nested = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
     for settings, offload in ((RecomputeSettings("full"), False), (RecomputeSettings("none"), True),
-                              (RecomputeSettings("selective", modules=("mlp",)), True)):
+                              (RecomputeSettings("selective", modules=("mlp",)), True),
+                              (RecomputeSettings("full", modules=nested, offload_checkpoints=True), False)):
         got = grads(settings, offload)
         assert got.keys() == base.keys()
         for name in base:
@@ -85,6 +98,10 @@ LAYOUTS = {
     "tiled-loss": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=100"],
     "tiled-mlp": ["memory.tiled_mlp=true", "memory.tiled_mlp_chunk=100"],
     "full+checkpoint-offload": ["memory.recompute=full", "memory.offload.checkpoints=true"],
+    # Checkpoints and AdamW's state in files between uses (removed at exit: asserted below), norms nested.
+    "full-nested-norms+disk-offload+optimizer-swap": [
+        "memory.recompute=full", "memory.recompute_modules=[input_layernorm,post_attention_layernorm]",
+        "memory.offload.checkpoints=true", "memory.offload.optimizer_swap=true", "memory.offload.tier=disk"],
     "tiled-loss+sp-ring2": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=50", "parallel.sp.ring=2"],
     "fsdp2-tiled+selective-mlp+checkpoint-offload": [
         "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",
@@ -99,6 +116,7 @@ LAYOUTS = {
 def test_three_step_curve_is_unchanged(layout, reference, tmp_path):
     longtune("train", *ARGS, *LAYOUTS[layout], f"train.output_dir={tmp_path}")
     assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)
+    assert not (tmp_path / "offload").exists()
 
 
 @pytest.mark.slow

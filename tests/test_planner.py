@@ -117,6 +117,25 @@ def test_unsharded_gradients_by_phase():
     assert mem.transient["logits_loss"] == logits_loss_bytes(SMALL, ddp, L)
 
 
+def test_disk_tier_and_optimizer_swap_leave_the_cpu_process():
+    # On CPU, host memory is the process's: host-tier offload changes nothing, the disk tier takes the
+    # checkpoints (2 layers × hidden 8 × 4 bytes per token) and the swapped AdamW state out of it; the
+    # state comes back for the step, when the activations are gone.
+    full = dict(recompute="full", offload_checkpoints=True, dtype="float32")
+    host = memory_breakdown(SMALL, Layout(**full, optimizer_swap=True), L, host_is_device=True)
+    disk = memory_breakdown(SMALL, Layout(**full, optimizer_swap=True, offload_tier="disk"), L, host_is_device=True)
+    assert host.device["offloaded_checkpoints (host)"] == 2 * 8 * 4 * L
+    assert host.device["optimizer"] == 8 * SMALL.params and "optimizer_step" in host.transient
+    assert disk.disk == {"optimizer (between steps)": 8 * SMALL.params, "offloaded_checkpoints": 2 * 8 * 4 * L}
+    assert "optimizer" not in disk.device and "offloaded_checkpoints (host)" not in disk.device
+    assert disk.transient["optimizer_step"] == host.transient["optimizer_step"] + 8 * SMALL.params
+    # The checkpoint read back from disk is a new tensor next to the recomputed layer's activations.
+    assert disk.transient["layer_backward"] == host.transient["layer_backward"] + 8 * 4 * L
+    # On a GPU the host tier takes the state off the device as well.
+    gpu = memory_breakdown(SMALL, Layout(**full, optimizer_swap=True), L)
+    assert gpu.host["optimizer (between steps)"] == 8 * SMALL.params and "optimizer" not in gpu.device
+
+
 def test_transients_by_hand():
     # logits, log-softmax, their gradients: 4 × tokens × vocab × 4 bytes.
     assert logits_loss_bytes(SMALL, FP32, L) == 4 * L * 32 * 4

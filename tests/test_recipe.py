@@ -80,12 +80,25 @@ def test_cross_field_checks():
 
 
 def test_capabilities_not_built_yet_are_refused_by_name():
-    with pytest.raises(RecipeError, match="memory.recompute_modules is for memory.recompute=selective"):
-        recipe_from_dict({"memory": {"recompute": "full", "recompute_modules": ["mlp"]}})
+    with pytest.raises(RecipeError, match="memory.recompute_modules is for memory.recompute=selective or full"):
+        recipe_from_dict({"memory": {"recompute_modules": ["mlp"]}})
     with pytest.raises(RecipeError, match=r"^recipe: memory.tiled_loss with parallel.tp > 1: not available yet"):
         recipe_from_dict({"parallel": {"tp": 2}, "memory": {"tiled_loss": True}})
     assert recipe_from_dict({"parallel": {"pp": 2, "tp": 2}}).parallel.model_parallel_size == 4
     assert recipe_from_dict({"parallel": {"sp": {"ring": 2, "ulysses": 2}}}).parallel.sp.degree == 4
+
+
+@pytest.mark.parametrize("offload,parallel,message", [
+    ({"tier": "disk"}, {}, "memory.offload.tier=disk is where offload.checkpoints and offload.optimizer_swap"),
+    ({"dir": "/tmp/x", "optimizer_swap": True}, {}, "memory.offload.dir is for memory.offload.tier=disk"),
+    ({"optimizer_swap": True}, {"fsdp": True}, "optimizer_swap is for parallel.backend=native without FSDP2"),
+    ({"optimizer_swap": True}, {"backend": "deepspeed"}, "optimizer_swap is for parallel.backend=native"),
+])
+def test_offload_tier_and_optimizer_swap_are_checked(offload, parallel, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"memory": {"offload": offload}, "parallel": parallel})
+    ok = recipe_from_dict({"memory": {"offload": {"optimizer_swap": True, "tier": "disk", "dir": "/tmp/x"}}})
+    assert ok.memory.offload.tier == "disk"
 
 
 def test_world_size_checks_name_the_numbers():

@@ -34,6 +34,14 @@ from .schedule import LRSchedule
 log = logging.getLogger("longtune")
 
 
+def offload_dir(recipe: Recipe) -> str | None:
+    """The disk tier's directory (None: host memory); every process makes its own sub-directory in it."""
+    off = recipe.memory.offload
+    if off.tier != "disk":
+        return None
+    return off.dir or str(Path(recipe.train.output_dir) / "offload")
+
+
 def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
     tr, par, mem = recipe.train, recipe.parallel, recipe.memory
     return BackendSettings(
@@ -42,9 +50,12 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
         grad_accum=grad_accum, micro_batch_size=tr.micro_batch_size,
         bf16=recipe.model.dtype == "bfloat16", fsdp=par.fsdp, zero_stage=par.deepspeed.zero_stage,
         offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
+        optimizer_swap=mem.offload.optimizer_swap,
+        optimizer_swap_dir=offload_dir(recipe) if mem.offload.optimizer_swap else None,
         deepspeed_config=par.deepspeed.config,
         recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules),
                                     offload_checkpoints=mem.offload.checkpoints,
+                                    offload_dir=offload_dir(recipe) if mem.offload.checkpoints else None,
                                     tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
                                     tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0),
         tp_sequence_parallel=par.tp_sequence_parallel,

@@ -131,14 +131,23 @@ class ParallelSection(_Section):
 
 class OffloadSection(_Section):
     checkpoints: bool = Field(False, description="Keep the inputs of the recomputed modules (the hidden "
-                              "states a checkpoint saves) in host memory until backward; needs "
-                              "memory.recompute.")
+                              "states a checkpoint saves) in host memory (or memory.offload.tier) until "
+                              "backward; needs memory.recompute.")
     activations: bool = Field(False, description="Keep every tensor autograd saves in host memory "
                               "(save_on_cpu; pinned on GPU).")
     optimizer: bool = Field(False, description="Optimizer state on the host (ZeRO offload_optimizer; "
                             "FSDP2 CPUOffloadPolicy).")
     params: bool = Field(False, description="Parameters on the host (ZeRO-3 offload_param; FSDP2 "
                          "CPUOffloadPolicy).")
+    optimizer_swap: bool = Field(False, description="AdamW's state leaves the device after each step (to "
+                                 "memory.offload.tier) and returns for the next: forward and backward run "
+                                 "without it. parallel.backend=native without FSDP2.")
+    tier: Literal["host", "disk"] = Field("host", description="Where offload.checkpoints and "
+                                          "offload.optimizer_swap put their tensors: host memory, or files "
+                                          "under memory.offload.dir (out of host memory too). "
+                                          "offload.activations always uses host memory.")
+    dir: str | None = Field(None, description="tier=disk: the directory for the files (one fresh "
+                            "sub-directory per process, removed at exit); default train.output_dir/offload.")
 
 
 class MemorySection(_Section):
@@ -146,7 +155,9 @@ class MemorySection(_Section):
                                                              "recomputation (non-reentrant checkpointing).")
     recompute_every: int = Field(2, ge=1, description="selective: recompute every k-th decoder layer.")
     recompute_modules: list[str] = Field(default_factory=list, description="selective: recompute these "
-                                         "sub-modules of every layer (e.g. [mlp]) instead of whole layers.")
+                                         "sub-modules of every layer (e.g. [mlp]) instead of whole layers. "
+                                         "full: also checkpoint them inside each layer (nested), so a "
+                                         "layer's backward holds one sub-module's activations at a time.")
     tiled_loss: bool = Field(False, description="Logits and loss in sequence chunks, each recomputed in "
                              "backward: the full length × vocabulary logits never exist.")
     tiled_loss_chunk: int = Field(2048, gt=0, description="tiled_loss: sequence positions per chunk (of "
@@ -299,8 +310,16 @@ class Recipe(_Section):
         if mem.offload.checkpoints and mem.recompute == "none":
             raise ValueError("memory.offload.checkpoints offloads the inputs of recomputed modules: it needs "
                              "memory.recompute=full or selective")
-        if mem.recompute != "selective" and mem.recompute_modules:
-            raise ValueError("memory.recompute_modules is for memory.recompute=selective, got "
+        if mem.offload.tier == "disk" and not (mem.offload.checkpoints or mem.offload.optimizer_swap):
+            raise ValueError("memory.offload.tier=disk is where offload.checkpoints and offload.optimizer_swap "
+                             "put their tensors: turn one of them on")
+        if mem.offload.dir is not None and mem.offload.tier != "disk":
+            raise ValueError("memory.offload.dir is for memory.offload.tier=disk")
+        if mem.offload.optimizer_swap and (par.backend != "native" or par.fsdp):
+            raise ValueError("memory.offload.optimizer_swap is for parallel.backend=native without FSDP2; "
+                             "FSDP2 and DeepSpeed offload optimizer state with memory.offload.optimizer")
+        if mem.recompute == "none" and mem.recompute_modules:
+            raise ValueError("memory.recompute_modules is for memory.recompute=selective or full, got "
                              f"{mem.recompute}")
         if par.backend == "native":
             if (mem.offload.optimizer or mem.offload.params) and not par.fsdp:
