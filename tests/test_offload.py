@@ -3,7 +3,6 @@ go away, and a swapped AdamW trains, checkpoints and resumes exactly like the pl
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
