@@ -9,8 +9,8 @@ Llama-3), untied embeddings, fp32, AdamW. Rows:
 (a) stock HF: transformers' `LlamaForCausalLM` with sdpa, `gradient_checkpointing_enable()`, the model's own
     loss (`labels=`), `torch.optim.AdamW`; a plain script, nothing of longtune imported.
 (b) `longtune train` on one process adding one technique at a time: full recompute, tiled loss, tiled MLP,
-    checkpoint offload (host tier), then the disk tier for the checkpoints, optimizer swap to disk and nested
-    norm checkpoints (all on at the end).
+    checkpoint offload (host tier), then the disk tier for the checkpoints, optimizer swap to disk, nested
+    norm checkpoints and gradient offload to disk (all on at the end).
 (c) `longtune train` with every technique and sp = 2 and 4 (Ulysses, gloo processes).
 
 **The budget** is the peak resident memory of a process (max RSS, `getrusage`), everything included:
@@ -71,9 +71,10 @@ ALL_ON = ("memory.recompute=full", "memory.tiled_loss=true", "memory.tiled_loss_
           "memory.tiled_mlp_chunk=256", "memory.offload.checkpoints=true")
 
 DISK = ("memory.offload.tier=disk", "memory.offload.optimizer_swap=true",
-        "memory.recompute_modules=[input_layernorm,post_attention_layernorm]")
+        "memory.recompute_modules=[input_layernorm,post_attention_layernorm]", "memory.offload.gradients=true")
 """The disk tier (files under the run dir, on this machine's disk): checkpoints, then AdamW's state between steps;
-then the two norms of each layer as checkpoints nested in the layer's (their fp32 x·rsqrt is not kept)."""
+then the two norms of each layer as checkpoints nested in the layer's (their fp32 x·rsqrt is not kept); then each
+gradient from its accumulation in backward to the step."""
 
 ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(a) stock HF: sdpa + gradient checkpointing", 1, ()),
@@ -84,7 +85,8 @@ ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(b) + checkpoint offload = all on", 1, ALL_ON),
     ("(b) + checkpoint offload to disk", 1, (*ALL_ON, *DISK[:1])),
     ("(b) + optimizer swap to disk", 1, (*ALL_ON, *DISK[:2])),
-    ("(b) + nested norm checkpoints = all on, disk tier", 1, (*ALL_ON, *DISK)),
+    ("(b) + nested norm checkpoints", 1, (*ALL_ON, *DISK[:3])),
+    ("(b) + gradient offload to disk = all on, disk tier", 1, (*ALL_ON, *DISK)),
     ("(c) all on, sp = 2 (Ulysses)", 2, (*ALL_ON, "parallel.sp.ulysses=2")),
     ("(c) all on, sp = 4 (Ulysses)", 4, (*ALL_ON, "parallel.sp.ulysses=4")),
 ]

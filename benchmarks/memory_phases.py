@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from memory_model import env
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-10; default %(default)s)")
+    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-11; default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--top", type=int, default=8, help="labels shown per rank")

@@ -39,6 +39,8 @@ class BackendSettings:
     offload_params: bool = False
     optimizer_swap: bool = False  # native: AdamW's state out of the device between steps (offload.py)
     optimizer_swap_dir: str | None = None  # its tier: None host memory, else files under this directory
+    gradient_offload: bool = False  # native, one process: each gradient out of the device once accumulated
+    gradient_offload_dir: str | None = None  # its tier, as optimizer_swap_dir
     deepspeed_config: str | None = None
     recompute: RecomputeSettings = RecomputeSettings()
     tp_sequence_parallel: bool = True

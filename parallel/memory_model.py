@@ -100,6 +100,7 @@ class Layout:
     offload_optimizer: bool = False
     offload_params: bool = False
     optimizer_swap: bool = False  # AdamW's state out of the device between steps, back for the step
+    offload_gradients: bool = False  # each gradient out of the device once accumulated, back for the step
     offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints and swapped state go
     tiled_loss_chunk: int = 0  # 0: off
     tiled_mlp_chunk: int = 0  # 0: off
@@ -137,7 +138,7 @@ class Layout:
                                   "+".join(self.recompute_modules) or f"every{self.recompute_every}"))
         offloads = [n for n, on in (("ckpt", self.offload_checkpoints), ("act", self.offload_activations),
                                     ("opt", self.offload_optimizer), ("param", self.offload_params),
-                                    ("swapopt", self.optimizer_swap)) if on]
+                                    ("swapopt", self.optimizer_swap), ("grad", self.offload_gradients)) if on]
         if offloads:
             parts.append("off-" + "+".join(offloads) + ("-disk" if self.offload_tier == "disk" else ""))
         if self.tiled_mlp_chunk:
@@ -491,7 +492,11 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     grads_top = top_of_backward_gradient_bytes(shape, layout)
     if grads_top is None:
         (host if layout.offload_params else dev)["gradients"] = grads
-    swapped_out = layout.optimizer_swap and not (host_is_device and layout.offload_tier == "host")
+    leaves = not (host_is_device and layout.offload_tier == "host")  # the tier is out of this memory
+    swapped_out = layout.optimizer_swap and leaves
+    grads_out = layout.offload_gradients and leaves and grads_top is not None
+    if grads_out:  # from their accumulation to the step (counted in the step's transient)
+        tier["gradients (backward to step)"] = grads
     if layout.offload_optimizer or layout.offload_params:
         host["optimizer"] = opt
     elif swapped_out:  # back on the device for the step only (counted in the step's transient below)
@@ -507,8 +512,10 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     dev["attention_mask"] = mask_bytes(layout, seq_len)
     dev["baseline"] = baseline_bytes
     out.transient["logits_loss"] = logits_loss_bytes(shape, layout, seq_len) + (grads_top or 0.0)
+    # With gradient offload lm_head's gradient has left when the layers' backward begins: one layer's is there.
+    grads_layers = 4 * shape.layer_params / layout.tp if grads_out else (grads_top or 0.0)
     out.transient["layer_backward"] = (kept_logits_bytes(shape, layout, seq_len)
-                                       + (grads_top or 0.0) - final_norm_saved_bytes(shape, layout, seq_len)
+                                       + grads_layers - final_norm_saved_bytes(shape, layout, seq_len)
                                        + max(layer_backward_phases(shape, layout, seq_len,
                                                                    host_is_device=host_is_device).values())
                                        + unsharded_layer_bytes(shape, layout))
@@ -520,8 +527,10 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
         layers = math.ceil(shape.layers / layout.pp) * layout.pp
         on_host = layout.offload_activations or layout.offload_tier == "host"
         resident = act_dev + (act_host if host_is_device and on_host else 0.0)
+        # With gradient offload only the running layer's gradients are there.
+        standing = grads_layers if grads_out else grads
         out.transient["layer_backward (last layer)"] = (
-            out.transient["layer_backward"] - grads_top + grads - resident * (layers - 1) / layers)
+            out.transient["layer_backward"] - grads_layers + standing - resident * (layers - 1) / layers)
         out.transient["optimizer_step"] = (grads + step_state
                                            + optimizer_step_temporaries(shape, layout, host_is_device))
     elif _ddp_replicated(layout) or swapped_out:  # the gradients are standing (DDP's buckets)

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
 from .dims import ParallelDims, build_mesh
-from .offload import OptimizerStateSwap, make_tier
+from .offload import GradientOffload, OptimizerStateSwap, make_tier
 from .parallelize import materialize_sharded, parallelize
 from .pipeline import PipelineRunner, StageInputs, gather_stage_state_dicts
 from .tiling import LossFn
@@ -71,6 +71,10 @@ class NativeBackend(TrainingBackend):
     def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device,
                  build_model: ModelFactory) -> None:
         super().__init__(settings, dims, device)
+        if settings.gradient_offload and dims.is_distributed:
+            raise ValueError("memory.offload.gradients is for one process, which owns its whole gradients (DDP "
+                             "keeps them in its all-reduce buckets, FSDP2 reduce-scatters them); this run has "
+                             f"{dims.world_size} processes")
         shard = settings.fsdp
         offload = shard and (settings.offload_params or settings.offload_optimizer)
         common = dict(bf16=settings.bf16, offload=offload, device=device, recompute=settings.recompute,
@@ -104,6 +108,11 @@ class NativeBackend(TrainingBackend):
             rank = dist.get_rank() if dist.is_initialized() else 0
             tier = make_tier(settings.optimizer_swap_dir, prefix=f"optimizer-rank{rank}-")
             self._swaps = [OptimizerStateSwap(opt, tier) for opt in self.optimizers]
+        # Gradient offload (offload.py): each gradient in the tier from its accumulation to the step.
+        self._grad_offload = None
+        if settings.gradient_offload:
+            self._grad_offload = GradientOffload(list(self.parts[0].parameters()),
+                                                 make_tier(settings.gradient_offload_dir, prefix="gradients-"))
         self._pipeline_group = None
         self.pipeline: PipelineRunner | None = None
         if dims.pp > 1:
@@ -159,6 +168,8 @@ class NativeBackend(TrainingBackend):
             loss.backward()
 
     def step(self) -> float:
+        if self._grad_offload is not None:
+            self._grad_offload.restore()
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
         params = [p for part in self.parts for p in part.parameters()]
         norm = clip_grad_norm(params, max_norm, self._pipeline_group)

@@ -13,6 +13,9 @@ state swapping (`OptimizerStateSwap`) moves AdamW's moments to a tier after each
 next: during forward and backward, where long sequences put the activations' peak, the device holds
 weights, gradients and activations but no optimizer state; at the step it holds weights, gradients and
 the state but no activations. The peak is the larger of the two sums instead of their total.
+Gradient offload (`GradientOffload`) does the same for the gradients within a step: each leaves the device
+as soon as backward has accumulated it and returns for the step, so that backward holds the gradients of
+the module it is in rather than of every module it has passed.
 """
 
 from __future__ import annotations
@@ -155,3 +158,46 @@ class OptimizerStateSwap:
             yield
         finally:
             self.swap_out()
+
+
+class GradientOffload:
+    """Each parameter's gradient goes to a tier as soon as backward has accumulated it; `restore()` brings
+    them all back into `.grad` (before clipping and the optimizer step).
+
+    A post-accumulate-grad hook per parameter stores `.grad` and clears it. With several micro-batches the
+    stored gradient comes back, the new one is added (old + new, the order autograd's own accumulation
+    uses, so the sum is bit-identical) and the result is stored in its place. Only for a process that owns
+    its whole gradients: under DDP they are views into its all-reduce buckets, under FSDP2 / ZeRO they are
+    reduce-scattered as they come, and a pipeline stage's are accumulated by the schedule.
+    """
+
+    def __init__(self, parameters: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter],
+                 tier: OffloadTier) -> None:
+        self.tier = tier
+        self._stored: dict[torch.Tensor, Any] = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._store) for p in parameters if p.requires_grad]
+
+    def _store(self, param: torch.Tensor) -> None:
+        grad, param.grad = param.grad, None
+        previous = self._stored.pop(param, None)
+        if previous is not None:
+            grad = self.tier.get(previous) + grad
+            del previous  # its file goes before the sum's is written
+        self._stored[param] = self.tier.put(grad)
+
+    @property
+    def pending(self) -> int:
+        """Gradients stored since the last `restore()`."""
+        return len(self._stored)
+
+    def restore(self) -> None:
+        while self._stored:
+            param, handle = self._stored.popitem()
+            param.grad = self.tier.get(handle)
+            del handle
+
+    def remove(self) -> None:
+        """Detach the hooks (the stored gradients, if any, stay until `restore()`)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

@@ -73,6 +73,8 @@ def layout_problem(shape: ModelShape, layout: Layout, seq_len: int) -> str | Non
         return "optimizer / parameter offload needs FSDP or ZeRO"
     if layout.optimizer_swap and layout.sharding != "ddp":
         return "optimizer swapping is for the native backend without FSDP"
+    if layout.offload_gradients and (layout.sharding != "ddp" or layout.world > 1):
+        return "gradient offload is for one process on the native backend"
     if layout.offload_params and layout.sharding in ("zero1", "zero2"):
         return "parameter offload needs ZeRO-3"
     return None

@@ -4,8 +4,10 @@ intermediates or logits exist at a time and the full length × vocabulary logits
 
 Both are wrappers that keep the original module as their child `_checkpoint_wrapped_module`
 (torch's `ActivationWrapper`, like the recomputation wrappers): state dicts, DCP checkpoints and the
-HF export keep the original keys. Each chunk is a non-reentrant checkpoint, so the gradients are the
-ordinary autograd ones (each parameter's gradient is accumulated once, as DDP, FSDP2 and ZeRO expect).
+HF export keep the original keys. Each loss chunk is a non-reentrant checkpoint; the MLP is one autograd
+function over all chunks that writes the input gradient in place (`_TiledMLPFunction`; under ZeRO-3 a
+checkpoint per chunk). Either way each parameter's gradient is accumulated once, as DDP, FSDP2 and ZeRO
+expect.
 
 The number of chunks depends only on the micro-batch shape, which is the same on every rank (the
 sequence-parallel shards are padded to equal lengths): ZeRO-3 gathers the wrapped module's weights
@@ -38,18 +40,76 @@ def _sequence_chunks(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
     return x.split(chunk, dim=1)
 
 
+class _TiledMLPFunction(torch.autograd.Function):
+    """The MLP over sequence chunks, forward without autograd; backward recomputes one chunk at a time.
+
+    Backward writes each chunk's input gradient into one preallocated tensor (chunks as separate autograd
+    inputs would hold every chunk's gradient and then their concatenation: two copies of `[B, L, H]`), and
+    returns the parameters' gradients summed over the chunks as this function's own outputs, so that
+    autograd accumulates each parameter's gradient once (DDP's, FSDP2's, ZeRO's and gradient offload's hooks
+    fire once). The chunks recompute under the autocast state of the forward. Position-wise and
+    deterministic MLPs only (no dropout: the recomputation would draw other masks)."""
+
+    @staticmethod
+    def forward(ctx, mlp: nn.Module, chunk: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.mlp, ctx.chunk = mlp, chunk
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in {x.device.type, "cpu"}]
+        ctx.save_for_backward(x)  # the parameters are the module's, read again in backward (below)
+        ctx.num_params = len(params)
+        outs = [mlp(part) for part in _sequence_chunks(x, chunk)]
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        # The module's parameters now (the same tensors as in forward, FSDP2's unsharded ones included): saved
+        # tensors would go through saved-tensor hooks (offload) and come back as copies autograd cannot use.
+        params = list(ctx.mlp.parameters())
+        if len(params) != ctx.num_params:
+            raise RuntimeError(f"tiled MLP: {ctx.num_params} parameters in forward, {len(params)} in backward")
+        wants_x, wants = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        grad_x = torch.empty_like(x) if wants_x else None
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        targets = [i for i, w in enumerate(wants) if w]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for kind, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            start = 0
+            for part, g in zip(_sequence_chunks(x, ctx.chunk), _sequence_chunks(grad_out, ctx.chunk), strict=True):
+                part = part.detach().requires_grad_(wants_x)
+                out = ctx.mlp(part)
+                got = torch.autograd.grad(out, [part] * wants_x + [params[i] for i in targets], g,
+                                          allow_unused=True)
+                if wants_x:
+                    grad_x.narrow(1, start, part.shape[1]).copy_(got[0])
+                for i, gp in zip(targets, got[wants_x:], strict=True):
+                    if gp is not None:
+                        grads[i] = gp if grads[i] is None else grads[i].add_(gp)
+                start += part.shape[1]
+                del out, got
+        return None, None, grad_x, *grads
+
+
 class TiledMLP(ActivationWrapper):
     """A position-wise MLP run on `chunk` sequence positions at a time; backward recomputes one chunk
-    at a time."""
+    at a time and writes the input gradient in place (`_TiledMLPFunction`)."""
 
     def __init__(self, mlp: nn.Module, chunk: int) -> None:
         super().__init__(mlp)
         self.chunk = chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [checkpoint(self._checkpoint_wrapped_module, part, use_reentrant=False)
-                for part in _sequence_chunks(x, self.chunk)]
-        return torch.cat(outs, dim=1)
+        mlp = self._checkpoint_wrapped_module
+        params = list(mlp.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            # ZeRO-3 gathers partitioned parameters in module hooks that a recomputation inside a custom
+            # backward does not drive: a checkpoint per chunk instead (autograd then assembles the input
+            # gradient from the chunks' gradients, one more [B, L, H] for that moment).
+            outs = [checkpoint(mlp, part, use_reentrant=False) for part in _sequence_chunks(x, self.chunk)]
+            return torch.cat(outs, dim=1)
+        return _TiledMLPFunction.apply(mlp, self.chunk, x, *params)
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}"

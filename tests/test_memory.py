@@ -98,10 +98,12 @@ LAYOUTS = {
     "tiled-loss": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=100"],
     "tiled-mlp": ["memory.tiled_mlp=true", "memory.tiled_mlp_chunk=100"],
     "full+checkpoint-offload": ["memory.recompute=full", "memory.offload.checkpoints=true"],
-    # Checkpoints and AdamW's state in files between uses (removed at exit: asserted below), norms nested.
-    "full-nested-norms+disk-offload+optimizer-swap": [
+    # Checkpoints, gradients and AdamW's state in files between uses (removed at exit: asserted below), norms
+    # nested; two micro-batches, so that offloaded gradients are accumulated through the tier.
+    "full-nested-norms+disk-offload+gradients+optimizer-swap": [
         "memory.recompute=full", "memory.recompute_modules=[input_layernorm,post_attention_layernorm]",
-        "memory.offload.checkpoints=true", "memory.offload.optimizer_swap=true", "memory.offload.tier=disk"],
+        "memory.offload.checkpoints=true", "memory.offload.optimizer_swap=true", "memory.offload.gradients=true",
+        "memory.offload.tier=disk"],
     "tiled-loss+sp-ring2": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=50", "parallel.sp.ring=2"],
     "fsdp2-tiled+selective-mlp+checkpoint-offload": [
         "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",

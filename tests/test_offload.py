@@ -1,5 +1,6 @@
-"""Offload tiers (host memory, disk) and optimizer state swapping: tensors come back bit for bit, the files
-go away, and a swapped AdamW trains, checkpoints and resumes exactly like the plain one."""
+"""Offload tiers (host memory, disk), optimizer state swapping and gradient offload: tensors come back bit for
+bit, the files go away, and a swapped AdamW or offloaded gradients train, checkpoint and resume exactly like the
+plain run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from longtune.parallel.backend import BackendSettings
 from longtune.parallel.dims import ParallelDims
 from longtune.parallel.native_backend import NativeBackend
-from longtune.parallel.offload import DiskTier, HostTier, OptimizerStateSwap
+from longtune.parallel.offload import DiskTier, GradientOffload, HostTier, OptimizerStateSwap
 from longtune.parallel.recompute import RecomputeSettings, apply_recompute
 from longtune.train.model import build_config, build_model, resolve_model_source
 
@@ -94,10 +95,12 @@ def test_swapped_adamw_steps_exactly_like_adamw(tier, tmp_path):
     assert swap.swapped_out
 
 
-def _backend(swap_dir) -> NativeBackend:
+def _backend(swap_dir, gradient_offload_dir=None) -> NativeBackend:
     settings = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
                                lr_multiplier=lambda step: 1.0, grad_accum=1, micro_batch_size=2,
-                               optimizer_swap=swap_dir is not None, optimizer_swap_dir=swap_dir)
+                               optimizer_swap=swap_dir is not None, optimizer_swap_dir=swap_dir,
+                               gradient_offload=gradient_offload_dir is not None,
+                               gradient_offload_dir=gradient_offload_dir)
     return NativeBackend(settings, ParallelDims(world_size=1), torch.device("cpu"), lambda device: _tiny())
 
 
@@ -122,3 +125,48 @@ def test_native_backend_with_optimizer_swap_checkpoints_and_resumes_exactly(tmp_
         _train(backend, batches[2:])
     for a, b, c in zip(plain.model.parameters(), swapped.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_gradient_offload_gives_the_same_gradients_over_micro_batches(tier, tmp_path):
+    torch.manual_seed(0)
+    micro_batches = [torch.randint(3, 300, (2, 24)) for _ in range(3)]
+    plain, offloaded = _tiny(), _tiny()
+    offload = GradientOffload(list(offloaded.parameters()), HostTier() if tier == "host" else DiskTier(tmp_path))
+    for ids in micro_batches:
+        for model in (plain, offloaded):
+            model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+        # Between micro-batches every gradient is in the tier, none on the model.
+        assert all(p.grad is None for p in offloaded.parameters())
+        assert offload.pending == len(list(offloaded.parameters()))
+    if tier == "disk":  # one file per parameter: each micro-batch's sum replaced the previous one
+        assert len(list(offload.tier.directory.iterdir())) == offload.pending
+    offload.restore()
+    assert offload.pending == 0
+    for (name, a), b in zip(plain.named_parameters(), offloaded.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name  # old + new, as autograd accumulates: bit for bit
+    if tier == "disk":
+        assert not list(offload.tier.directory.iterdir())
+    offload.remove()
+    offloaded(input_ids=micro_batches[0]).logits.sum().backward()
+    assert offload.pending == 0 and all(p.grad is not None for p in offloaded.parameters())
+
+
+def test_native_backend_with_gradient_offload_trains_exactly_like_the_plain_one(tmp_path):
+    torch.manual_seed(0)
+    batches = [torch.randint(3, 300, (2, 32)) for _ in range(3)]
+    plain = _backend(None)
+    offloaded = _backend(None, gradient_offload_dir=str(tmp_path / "grads"))
+    for backend in (plain, offloaded):
+        _train(backend, batches)
+    assert offloaded._grad_offload.pending == 0
+    for a, b in zip(plain.model.parameters(), offloaded.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_offload_refuses_several_processes():
+    settings = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+                               lr_multiplier=lambda step: 1.0, grad_accum=1, micro_batch_size=2,
+                               gradient_offload=True)
+    with pytest.raises(ValueError, match="memory.offload.gradients is for one process"):
+        NativeBackend(settings, ParallelDims(world_size=2, dp=2), torch.device("cpu"), lambda device: _tiny())

@@ -136,6 +136,23 @@ def test_disk_tier_and_optimizer_swap_leave_the_cpu_process():
     assert gpu.host["optimizer (between steps)"] == 8 * SMALL.params and "optimizer" not in gpu.device
 
 
+def test_gradient_offload_leaves_one_layer_of_gradients_in_backward():
+    full = dict(recompute="full", offload_checkpoints=True, offload_tier="disk", dtype="float32")
+    kept = memory_breakdown(SMALL, Layout(**full), L, host_is_device=True)
+    out = memory_breakdown(SMALL, Layout(**full, offload_gradients=True), L, host_is_device=True)
+    assert out.disk["gradients (backward to step)"] == 4 * SMALL.params
+    # The last layer's backward holds that layer's gradients instead of every one; the top layer's, without
+    # lm_head's; the step gets them all back.
+    last = "layer_backward (last layer)"
+    assert kept.transient[last] - out.transient[last] == 4 * (SMALL.params - SMALL.layer_params)
+    assert kept.transient["layer_backward"] - out.transient["layer_backward"] == 4 * SMALL.head_params
+    assert out.transient["optimizer_step"] == kept.transient["optimizer_step"]
+    # The host tier on CPU is the same memory: nothing changes.
+    host = dict(full, offload_tier="host")
+    assert (memory_breakdown(SMALL, Layout(**host, offload_gradients=True), L, host_is_device=True)
+            == memory_breakdown(SMALL, Layout(**host), L, host_is_device=True))
+
+
 def test_transients_by_hand():
     # logits, log-softmax, their gradients: 4 × tokens × vocab × 4 bytes.
     assert logits_loss_bytes(SMALL, FP32, L) == 4 * L * 32 * 4

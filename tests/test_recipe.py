@@ -89,16 +89,22 @@ def test_capabilities_not_built_yet_are_refused_by_name():
 
 
 @pytest.mark.parametrize("offload,parallel,message", [
-    ({"tier": "disk"}, {}, "memory.offload.tier=disk is where offload.checkpoints and offload.optimizer_swap"),
+    ({"tier": "disk"}, {}, "memory.offload.tier=disk is where offload.checkpoints, offload.gradients and"),
     ({"dir": "/tmp/x", "optimizer_swap": True}, {}, "memory.offload.dir is for memory.offload.tier=disk"),
     ({"optimizer_swap": True}, {"fsdp": True}, "optimizer_swap is for parallel.backend=native without FSDP2"),
     ({"optimizer_swap": True}, {"backend": "deepspeed"}, "optimizer_swap is for parallel.backend=native"),
+    ({"gradients": True}, {"sp": {"ulysses": 2}, "fsdp": True},
+     "memory.offload.gradients is for one process with parallel.backend=native .*got parallel.fsdp, parallel.sp > 1"),
+    ({"gradients": True}, {"dp": 2}, "memory.offload.gradients is for one process .*got parallel.dp > 1$"),
+    ({"gradients": True}, {"backend": "deepspeed"}, "got parallel.backend=deepspeed$"),
 ])
 def test_offload_tier_and_optimizer_swap_are_checked(offload, parallel, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict({"memory": {"offload": offload}, "parallel": parallel})
     ok = recipe_from_dict({"memory": {"offload": {"optimizer_swap": True, "tier": "disk", "dir": "/tmp/x"}}})
     assert ok.memory.offload.tier == "disk"
+    ok = recipe_from_dict({"memory": {"offload": {"gradients": True, "tier": "disk"}}})
+    assert ok.memory.offload.gradients and ok.memory.offload.tier == "disk"
 
 
 def test_world_size_checks_name_the_numbers():

@@ -117,16 +117,19 @@ class LiveTensors(TorchDispatchMode):
     Tensors of HIDDEN rows are weights (lm_head / down_proj, their transposes and gradients): skipped;
     the tests use sizes where no activation has HIDDEN rows."""
 
-    def __init__(self, last_dim: int) -> None:
+    def __init__(self, last_dim: int, ndim: int | None = None, skip: tuple[torch.Tensor, ...] = ()) -> None:
+        """`ndim`: count only tensors of that many dimensions; `skip`: tensors made before (and their views)."""
         super().__init__()
-        self.last_dim, self.largest, self.peak = last_dim, 0, 0
+        self.last_dim, self.ndim, self.largest, self.peak = last_dim, ndim, 0, 0
+        self.skip = {t.untyped_storage()._cdata for t in skip}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if (isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.last_dim
-                    and t.numel() != HIDDEN * self.last_dim):
+                    and t.numel() != HIDDEN * self.last_dim and self.ndim in (None, t.dim())
+                    and t.untyped_storage()._cdata not in self.skip):
                 storage = t.untyped_storage()
                 self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
                 self.largest = max(self.largest, t.numel())
@@ -170,6 +173,25 @@ def test_tiled_mlp_holds_one_chunk_of_intermediates():
     assert tiled.largest <= per_chunk
     assert tiled.peak <= 8 * per_chunk * 4, (tiled.peak, per_chunk * 4)
     assert tiled.peak < plain.peak / 4, (tiled.peak, plain.peak)
+
+
+def test_tiled_mlp_writes_the_input_gradient_in_place():
+    # Backward of the MLP alone: the input gradient is one [B, L, H] tensor filled chunk by chunk. Chunks as
+    # separate autograd inputs would hold every chunk's gradient and then their concatenation (two of them).
+    rows, length, chunk = 2, 48, 8
+    mlp = _tiny(1).model.layers[0].mlp
+    x = torch.randn(rows, length, HIDDEN, requires_grad=True)
+    grad_out = torch.randn(rows, length, HIDDEN)
+    out = TiledMLP(mlp, chunk)(x)
+    with LiveTensors(HIDDEN, ndim=3, skip=(x, grad_out, out)) as trace:
+        out.backward(grad_out)
+    full, per_chunk = rows * length * HIDDEN * 4, rows * chunk * HIDDEN * 4
+    # Besides it, one chunk at a time: its recomputed output and the two partial input gradients (through
+    # gate_proj and up_proj) with their sum. The concatenation of 6 chunks' gradients would be 2 × full.
+    assert full <= trace.peak <= full + 4 * per_chunk < 2 * full, (trace.peak, full)
+    reference = x.detach().requires_grad_()
+    mlp(reference).backward(grad_out)
+    assert (x.grad - reference.grad).abs().max() <= REL * reference.grad.abs().max()
 
 
 @pytest.mark.parametrize("settings", [RecomputeSettings("full"), RecomputeSettings("selective", every=1),

@@ -52,6 +52,8 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
         offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
         optimizer_swap=mem.offload.optimizer_swap,
         optimizer_swap_dir=offload_dir(recipe) if mem.offload.optimizer_swap else None,
+        gradient_offload=mem.offload.gradients,
+        gradient_offload_dir=offload_dir(recipe) if mem.offload.gradients else None,
         deepspeed_config=par.deepspeed.config,
         recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules),
                                     offload_checkpoints=mem.offload.checkpoints,

@@ -93,7 +93,7 @@ def layout_from_recipe(recipe, world: int) -> Layout:
                   recompute_modules=tuple(mem.recompute_modules), offload_checkpoints=mem.offload.checkpoints,
                   offload_activations=mem.offload.activations, offload_optimizer=mem.offload.optimizer,
                   offload_params=mem.offload.params, optimizer_swap=mem.offload.optimizer_swap,
-                  offload_tier=mem.offload.tier,
+                  offload_gradients=mem.offload.gradients, offload_tier=mem.offload.tier,
                   tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0,
                   tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
                   micro_batch=tr.micro_batch_size,
@@ -116,7 +116,8 @@ def recipe_for_layout(layout: Layout, model: str, seq_len: int, output_dir: str 
                    "tiled_mlp": bool(layout.tiled_mlp_chunk),
                    "offload": {"checkpoints": layout.offload_checkpoints, "activations": layout.offload_activations,
                                "optimizer": layout.offload_optimizer, "params": layout.offload_params,
-                               "optimizer_swap": layout.optimizer_swap, "tier": layout.offload_tier}},
+                               "optimizer_swap": layout.optimizer_swap, "gradients": layout.offload_gradients,
+                               "tier": layout.offload_tier}},
         "train": {"seq_len": seq_len, "micro_batch_size": layout.micro_batch,
                   "global_batch_size": layout.dp * layout.micro_batch * layout.grad_accum, "output_dir": output_dir},
     }

@@ -142,9 +142,13 @@ class OffloadSection(_Section):
     optimizer_swap: bool = Field(False, description="AdamW's state leaves the device after each step (to "
                                  "memory.offload.tier) and returns for the next: forward and backward run "
                                  "without it. parallel.backend=native without FSDP2.")
-    tier: Literal["host", "disk"] = Field("host", description="Where offload.checkpoints and "
-                                          "offload.optimizer_swap put their tensors: host memory, or files "
-                                          "under memory.offload.dir (out of host memory too). "
+    gradients: bool = Field(False, description="Each gradient leaves the device (to memory.offload.tier) "
+                            "as soon as backward has accumulated it and returns for the optimizer step: "
+                            "backward holds one module's gradients, not every one it has passed. One "
+                            "process, parallel.backend=native without FSDP2.")
+    tier: Literal["host", "disk"] = Field("host", description="Where offload.checkpoints, offload.gradients "
+                                          "and offload.optimizer_swap put their tensors: host memory, or "
+                                          "files under memory.offload.dir (out of host memory too). "
                                           "offload.activations always uses host memory.")
     dir: str | None = Field(None, description="tier=disk: the directory for the files (one fresh "
                             "sub-directory per process, removed at exit); default train.output_dir/offload.")
@@ -310,14 +314,23 @@ class Recipe(_Section):
         if mem.offload.checkpoints and mem.recompute == "none":
             raise ValueError("memory.offload.checkpoints offloads the inputs of recomputed modules: it needs "
                              "memory.recompute=full or selective")
-        if mem.offload.tier == "disk" and not (mem.offload.checkpoints or mem.offload.optimizer_swap):
-            raise ValueError("memory.offload.tier=disk is where offload.checkpoints and offload.optimizer_swap "
-                             "put their tensors: turn one of them on")
+        if mem.offload.tier == "disk" and not (mem.offload.checkpoints or mem.offload.optimizer_swap
+                                               or mem.offload.gradients):
+            raise ValueError("memory.offload.tier=disk is where offload.checkpoints, offload.gradients and "
+                             "offload.optimizer_swap put their tensors: turn one of them on")
         if mem.offload.dir is not None and mem.offload.tier != "disk":
             raise ValueError("memory.offload.dir is for memory.offload.tier=disk")
         if mem.offload.optimizer_swap and (par.backend != "native" or par.fsdp):
             raise ValueError("memory.offload.optimizer_swap is for parallel.backend=native without FSDP2; "
                              "FSDP2 and DeepSpeed offload optimizer state with memory.offload.optimizer")
+        if mem.offload.gradients:
+            several = {"parallel.backend=deepspeed": par.backend != "native", "parallel.fsdp": par.fsdp,
+                       "parallel.dp > 1": (par.dp or 1) > 1, "parallel.sp > 1": par.sp.degree > 1,
+                       "parallel.tp > 1": par.tp > 1, "parallel.pp > 1": par.pp > 1}
+            refused = [k for k, on in several.items() if on]
+            if refused:
+                raise ValueError("memory.offload.gradients is for one process with parallel.backend=native "
+                                 f"(it owns its whole gradients), got {', '.join(refused)}")
         if mem.recompute == "none" and mem.recompute_modules:
             raise ValueError("memory.recompute_modules is for memory.recompute=selective or full, got "
                              f"{mem.recompute}")
