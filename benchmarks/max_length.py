@@ -202,6 +202,8 @@ def find_max_length(row: tuple[str, int, tuple[str, ...]], hidden: int, budget: 
         (l1, p1), (l2, p2) = sorted((n, points[n]["peak"]) for n in points)[-2:]
         slope = (p2 - p1) / (l2 - l1)
         guess = l2 + (budget - p2) / slope if slope > 0 else 2 * l2
+        if high == math.inf:  # nothing over yet: the peaks may still be flat (the step's, not backward's)
+            guess = min(guess, 2 * max(points))
         guess = 64 * int(guess // 64)
         if not low < guess < high:  # outside the bracket (a flat region or curvature): bisect it
             guess = 64 * int((low + (high if high < math.inf else 2 * max(points))) / 128)

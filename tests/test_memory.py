@@ -104,7 +104,9 @@ LAYOUTS = {
         "memory.recompute=full", "memory.recompute_modules=[input_layernorm,post_attention_layernorm]",
         "memory.offload.checkpoints=true", "memory.offload.optimizer_swap=true", "memory.offload.gradients=true",
         "memory.offload.tier=disk"],
-    "tiled-loss+sp-ring2": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=50", "parallel.sp.ring=2"],
+    # DDP (over the ring) with the tiled MLP's own autograd function.
+    "tiled-loss+tiled-mlp+sp-ring2": ["memory.tiled_loss=true", "memory.tiled_loss_chunk=50", "memory.tiled_mlp=true",
+                                      "memory.tiled_mlp_chunk=50", "parallel.sp.ring=2"],
     "fsdp2-tiled+selective-mlp+checkpoint-offload": [
         "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",
         "memory.tiled_mlp_chunk=100", "memory.recompute=selective", "memory.recompute_modules=[mlp]",
