@@ -57,8 +57,15 @@ class _TiledMLPFunction(torch.autograd.Function):
                         for kind in {x.device.type, "cpu"}]
         ctx.save_for_backward(x)  # the parameters are the module's, read again in backward (below)
         ctx.num_params = len(params)
-        outs = [mlp(part) for part in _sequence_chunks(x, chunk)]
-        return torch.cat(outs, dim=1)
+        # Each chunk's output into one tensor (a list of them and their concatenation would be two).
+        out, start = None, 0
+        for part in _sequence_chunks(x, chunk):
+            y = mlp(part)
+            if out is None:
+                out = y.new_empty((y.shape[0], x.shape[1], *y.shape[2:]))
+            out.narrow(1, start, y.shape[1]).copy_(y)
+            start += y.shape[1]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
