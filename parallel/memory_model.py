@@ -101,7 +101,7 @@ class Layout:
     offload_params: bool = False
     optimizer_swap: bool = False  # AdamW's state out of the device between steps, back for the step
     offload_gradients: bool = False  # each gradient out of the device once accumulated, back for the step
-    offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints and swapped state go
+    offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints, gradients and state go
     tiled_loss_chunk: int = 0  # 0: off
     tiled_mlp_chunk: int = 0  # 0: off
     micro_batch: int = 1

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +171,7 @@ class GradientOffload:
     reduce-scattered as they come, and a pipeline stage's are accumulated by the schedule.
     """
 
-    def __init__(self, parameters: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter],
-                 tier: OffloadTier) -> None:
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], tier: OffloadTier) -> None:
         self.tier = tier
         self._stored: dict[torch.Tensor, Any] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._store) for p in parameters if p.requires_grad]
