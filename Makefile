@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 demo: install
 	$(BIN)/longtune demo --out $(RUNS)
 
-# Re-train the shipped base model from scratch (about 15 min, one CPU core).
+# Re-train the shipped base model from scratch (4,500 steps in three stages: 35-80 min on one CPU core).
 base-model: install
 	PATH=$(abspath $(BIN)):$$PATH PYTHON=$(abspath $(BIN))/python bash examples/base-model/train.sh
 
