@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -16,6 +17,8 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # prep never downloads
+        os.environ.setdefault(key, "1")
     parser = argparse.ArgumentParser(prog="longtune prep", description="Build a packed long-sequence corpus.")
     parser.add_argument("config", help="prep config YAML (or, with --merge, the output dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides (with --merge: shard dirs)")

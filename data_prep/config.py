@@ -86,6 +86,9 @@ class EmbeddedSource(SourceBase):
     """The embedded default corpus (pydoc topics + stdlib docstrings); no files needed."""
 
     type: Literal["embedded"]
+    split: Literal["all", "train", "heldout"] = Field("all", description="`train` leaves out the held-out "
+                                                      "documents (about 1 in 10, fixed by content) that "
+                                                      "`longtune eval` measures perplexity on; `heldout` is them")
 
 
 class SyntheticSource(SourceBase):
@@ -115,6 +118,8 @@ class PasskeySource(SyntheticSource):
     type: Literal["passkey"]
     prompt: Literal["corpus", "landmark"] = Field("corpus", description="haystack of corpus text, or the "
                                                                         "Landmark evaluation prompt")
+    key: Literal["number", "word"] = Field("number", description="with `prompt: landmark`: an integer key "
+                                           "1-50,000, or a one-token word (`longtune eval --passkey-keys word`)")
 
 
 class NeedleSource(SyntheticSource):
@@ -145,7 +150,8 @@ class Shard(Strict):
 
 class PrepConfig(Strict):
     output: str = Field(..., description="output dataset dir (written as OUTPUT.partial, renamed at the end)")
-    tokenizer: str = Field(..., description="HF tokenizer dir or a tokenizer.json file")
+    tokenizer: str = Field(..., description="HF tokenizer dir, a tokenizer.json file, or a shipped model's "
+                           "name (tiny-base-256)")
     seq_len: int = Field(..., gt=0, description="tokens per row")
     strategy: Literal["concat", "bfd"] = Field("bfd", description="concat = concatenate-and-chunk; "
                                                "bfd = global best-fit decreasing")
@@ -164,9 +170,11 @@ class PrepConfig(Strict):
     seed: int = 0
     workers: int = Field(1, ge=1, description="tokenizer processes")
     batch_chars: int = Field(1 << 20, gt=0, description="characters per tokenizer task")
-    max_segment_chars: int = Field(100_000, ge=1000, description="huge documents are pre-split at line "
-                                   "breaks into segments of at most this many characters")
+    max_segment_chars: int = Field(100_000, ge=1000, description="huge documents are pre-split, where "
+                                   "the tokenizer starts a new word, into segments of at most this many characters")
     strict: bool = Field(False, description="stop at the first bad input instead of counting it")
+    allow_empty: bool = Field(False, description="write a corpus of 0 rows when every document is dropped "
+                              "(otherwise that is an error)")
     progress: bool = True
     plots: bool = True
     overwrite: bool = False
@@ -202,15 +210,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_prep_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PrepConfig:
-    """Read, override and validate a prep config; every problem becomes one PrepError."""
-    path = Path(path)
+    """Read, override and validate a prep config; every problem becomes one PrepError. A name that is
+    not a file can be a shipped prep config (`longtune prep embedded-smoke`)."""
+    path = shipped_prep_config(Path(path))
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PrepError(f"config {path}: cannot read it as YAML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrepError(f"config {path}: cannot read it ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise PrepError(yaml_error_line(path, exc)) from None
     if not isinstance(data, dict):
         raise PrepError(f"config {path}: the top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, list(overrides)), source=str(path))
+
+
+def shipped_prep_config(path: Path) -> Path:
+    from .tokenization import SHIPPED_DIR
+
+    shipped = SHIPPED_DIR / "prep" / f"{path.name.removesuffix('.yaml')}.yaml"
+    return shipped if not path.exists() and path.parent == Path(".") and shipped.is_file() else path
+
+
+def yaml_error_line(path: Path, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as one line: `config FILE:LINE:COLUMN: invalid YAML: problem (context)`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"config {where}: invalid YAML: " + " ".join(text.split())
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> PrepConfig:

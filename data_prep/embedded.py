@@ -32,6 +32,27 @@ def embedded_documents() -> tuple[str, ...]:
     return tuple(json.loads(cached_text("embedded-corpus", key, lambda: json.dumps(_read_documents(files)))))
 
 
+HELDOUT_EVERY = 10
+
+
+def is_heldout(text: str) -> bool:
+    """Whether a document belongs to the held-out split: about 1 in HELDOUT_EVERY, chosen by a hash of its
+    text, so the split does not move when documents are added or reordered."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % HELDOUT_EVERY == 0
+
+
+def embedded_split(split: str = "all") -> tuple[str, ...]:
+    """The embedded documents of one split: `all`, `train` (without the held-out ones) or `heldout`."""
+    docs = embedded_documents()
+    if split == "all":
+        return docs
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown embedded split {split!r}; valid: all, train, heldout")
+    return tuple(doc for doc in docs if is_heldout(doc) == (split == "heldout"))
+
+
 def _source_files() -> list[Path]:
     import pydoc_data.topics as topics
 

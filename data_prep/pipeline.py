@@ -215,6 +215,16 @@ def _select(config: PrepConfig, store: TokenStore, stats: list[SourceStats]) -> 
     return np.flatnonzero(keep)
 
 
+def _nothing_kept(stats: list[SourceStats]) -> str:
+    """The error for a run that kept no document: what each source read and why it dropped it."""
+    parts = []
+    for st in stats:
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(st.dropped.items())) or "nothing dropped"
+        parts.append(f"{st.name!r}: {st.documents_read} read ({why})")
+    return ("every document was dropped, the corpus would have 0 rows — " + "; ".join(parts)
+            + " (set allow_empty: true to write it anyway)")
+
+
 def _write_rows(config: PrepConfig, spec: TokenizerSpec, store: TokenStore, order: np.ndarray,
                 writer: PackedCorpusWriter, names: list[str]) -> dict:
     """Phases 3-4: plan rows with the configured strategy and write them."""
@@ -288,6 +298,8 @@ def prepare_corpus(config: PrepConfig) -> PrepResult:
         store.finish_writing()
         progress.close()
         selected = _select(config, store, stats)
+        if not len(selected) and not config.allow_empty:
+            raise PrepError(_nothing_kept(stats))
         order = selected
         if config.strategy == "concat" and config.shuffle:
             order = np.random.default_rng(config.seed).permutation(selected)

@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from .errors import PrepError
 from .segments import split_stream, split_text
 
 READ_CHARS = 1 << 20
+_BLANK = re.compile(r"[ \t\n\r\x0b\x0c]*")  # what bytes.strip() strips: no copy of a huge line to test it
 
 
 class BadDocument(Exception):
@@ -152,21 +154,33 @@ def read_jsonl(source) -> Iterator[RawDocument | BadInput]:
             yield BadInput(str(path), "unreadable", exc.strerror or str(exc))
             continue
         with fh:
-            for number, raw in enumerate(fh, start=1):
+            for number, line in enumerate(_utf8_lines(fh), start=1):
                 where = f"{path}:{number}"
-                if not raw.strip():
-                    continue  # a blank line is not a document
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    yield BadInput(where, "non_utf8", exc.reason)
+                if isinstance(line, BadInput):
+                    yield BadInput(where, line.reason, line.detail)
                     continue
+                if _BLANK.fullmatch(line):
+                    continue  # a blank line is not a document
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield BadInput(where, "malformed_json", exc.msg)
                     continue
+                finally:
+                    del line  # while the document is consumed, only its text is held
                 yield _field_text(record, source.text_field, where)
+                del record
+
+
+def _utf8_lines(fh) -> Iterator[str | BadInput]:
+    """The lines of a binary file, decoded; the bytes of a line are let go before it is handed on."""
+    for raw in fh:
+        try:
+            line: str | BadInput = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = BadInput("", "non_utf8", exc.reason)
+        del raw
+        yield line
 
 
 def read_parquet(source) -> Iterator[RawDocument | BadInput]:
@@ -225,10 +239,12 @@ def read_hf(source) -> Iterator[RawDocument | BadInput]:
 
 
 def read_embedded(source) -> Iterator[RawDocument | BadInput]:
-    from .embedded import embedded_documents
+    from .embedded import embedded_documents, is_heldout
 
+    split = getattr(source, "split", "all")
     for i, text in enumerate(embedded_documents()):
-        yield RawDocument(f"embedded#{i}", _text_segments(text))
+        if split == "all" or is_heldout(text) == (split == "heldout"):
+            yield RawDocument(f"embedded#{i}", _text_segments(text))
 
 
 READERS: dict[str, Callable[..., Iterator[RawDocument | BadInput]]] = {

@@ -22,14 +22,36 @@ LANDMARK_TASK = ("There is an important info hidden inside a lot of irrelevant t
 LANDMARK_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 LANDMARK_QUESTION = " What is the pass key? The pass key is"
 LANDMARK_MAX_KEY = 50000
+# Keys of `key: word`: one word each, every one a single token of the embedded tokenizer (checked by a test),
+# so the answer is found, not copied digit by digit. Scoring compares the first generated word.
+WORD_KEYS = ("access", "address", "archive", "binary", "block", "buffer", "byte", "class", "code", "color",
+             "command", "context", "copy", "data", "debug", "decimal", "dict", "error", "file", "flag", "float",
+             "frame", "function", "generator", "global", "group", "hash", "header", "host", "index", "input",
+             "integer", "item", "iterator", "keyword", "length", "level", "line", "list", "literal", "locale",
+             "mapping", "message", "method", "module", "name", "number", "object", "operator", "option",
+             "output", "package", "pair", "path", "pattern", "point", "port", "process", "program", "protocol",
+             "range", "screen", "server", "socket")
+KEY_FORMS = ("number", "word")
 
 
-def landmark_needle(key: int) -> str:
+def draw_key(rng, form: str) -> str:
+    """A passkey: an integer 1 … LANDMARK_MAX_KEY (`number`) or one of WORD_KEYS (`word`). `rng` is a numpy
+    Generator or a `random.Random`."""
+    if form == "word":
+        i = rng.integers(len(WORD_KEYS)) if hasattr(rng, "integers") else rng.randrange(len(WORD_KEYS))
+        return WORD_KEYS[int(i)]
+    if form != "number":
+        raise ValueError(f"unknown passkey key form {form!r}; valid: {', '.join(KEY_FORMS)}")
+    return str(int(rng.integers(1, LANDMARK_MAX_KEY + 1)) if hasattr(rng, "integers")
+               else rng.randint(1, LANDMARK_MAX_KEY))
+
+
+def landmark_needle(key: int | str) -> str:
     return f" The pass key is {key}. Remember it. {key} is the pass key."
 
 
 def landmark_prompt(encode: Callable[[str], list[int]], bos: list[int], length: int, depth: float,
-                    key: int) -> tuple[list[int], int]:
+                    key: int | str) -> tuple[list[int], int]:
     """(prompt ids of at most `length` tokens, index where the needle begins): BOS, task, whole filler
     sentences with the needle after `depth` of them, question. Within one filler sentence of `length`."""
     head, needle, tail = encode(LANDMARK_TASK), encode(landmark_needle(key)), encode(LANDMARK_QUESTION)
@@ -90,7 +112,7 @@ def _sample_length(source, rng: np.random.Generator) -> int:
 
 def _landmark_sample(source, encode: Callable[[str], np.ndarray], bos: list[int], eos: list[int],
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    key = int(rng.integers(1, LANDMARK_MAX_KEY + 1))
+    key = draw_key(rng, getattr(source, "key", "number"))
     prompt, _ = landmark_prompt(lambda t: encode(t).tolist(), bos, _sample_length(source, rng), float(rng.random()),
                                 key)
     ans = encode(f" {key}.")

@@ -37,8 +37,22 @@ class TokenizerSpec:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.json.encode()).hexdigest()[:16]
 
+    @property
+    def encoding_fingerprint(self) -> str:
+        return encoding_fingerprint(self.json)
+
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.json)
+
+
+def encoding_fingerprint(tokenizer_json: str) -> str:
+    """A hash of what turns text into ids — normalizer, pre-tokenizer, model (vocabulary, merges) and
+    added tokens (content → id) — leaving out what a loader may rewrite without changing the ids of a
+    text (post-processor, decoder, padding, truncation, added-token flags)."""
+    data = json.loads(tokenizer_json)
+    part = {key: data.get(key) for key in ("normalizer", "pre_tokenizer", "model")}
+    part["added_tokens"] = sorted((t["id"], t["content"]) for t in data.get("added_tokens") or [])
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _special_from_config(directory: Path) -> dict[str, str]:
@@ -57,10 +71,26 @@ def _special_from_config(directory: Path) -> dict[str, str]:
     return found
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "recipes"
+"""Shipped files: `recipes/` of the checkout, or `longtune/recipes` of an installed package."""
+
+
+def resolve_tokenizer_path(path: str) -> Path:
+    """`path` as given when it exists; else a shipped model name (`tiny-base-256` → recipes/models/...)
+    or a path inside the checkout's `recipes/` (`recipes/models/tiny-base-256`) found in the package."""
+    given = Path(path)
+    if given.exists():
+        return given
+    for candidate in (SHIPPED_DIR / "models" / path, SHIPPED_DIR / Path(path.removeprefix("recipes/"))):
+        if path and not given.is_absolute() and candidate.exists():
+            return candidate
+    return given
+
+
 def load_tokenizer(path: str, bos_token: str | None = None, eos_token: str | None = None,
                    pad_token: str | None = None) -> TokenizerSpec:
-    """A model/tokenizer dir (with tokenizer.json) or a tokenizer.json file."""
-    p = Path(path)
+    """A model/tokenizer dir (with tokenizer.json), a tokenizer.json file, or a shipped model's name."""
+    p = resolve_tokenizer_path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise PrepError(f"tokenizer {path!r}: no tokenizer.json there (a fast HF tokenizer is required)")

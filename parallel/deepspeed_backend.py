@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
 from .dims import ParallelDims
+from .safe_load import deepspeed_safe_globals, weights_only_loads
 
 
 class DeepSpeedConfigError(ValueError):
@@ -134,8 +135,11 @@ class DeepSpeedBackend(TrainingBackend):
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
     def load_checkpoint(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        # DeepSpeed's checkpoint engine calls torch.load(weights_only=False): forced to weights_only here,
+        # with the few DeepSpeed classes its ZeRO checkpoints hold allowed.
+        with weights_only_loads(deepspeed_safe_globals(), what=str(path / "deepspeed")):
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
 

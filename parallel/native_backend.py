@@ -25,6 +25,7 @@ from .dims import ParallelDims, build_mesh
 from .offload import GradientOffload, OptimizerStateSwap, make_tier
 from .parallelize import materialize_sharded, parallelize
 from .pipeline import PipelineRunner, StageInputs, gather_stage_state_dicts
+from .safe_load import safe_dcp_load
 from .tiling import LossFn
 
 
@@ -219,7 +220,8 @@ class NativeBackend(TrainingBackend):
             per_part = self._state_dicts()
             state = self._union(per_part)
             with _single_process_dcp():
-                dcp.load(state, checkpoint_id=str(path / "state"))
+                # The metadata pickle through an allow-list, the non-tensor values weights_only.
+                safe_dcp_load(state, path / "state")
             options = StateDictOptions(flatten_optimizer_state_dict=True)
             for part, opt, (model_sd, optim_sd) in zip(self.parts, self.optimizers, per_part, strict=True):
                 set_state_dict(part, opt, model_state_dict={k: state["model"][k] for k in model_sd},

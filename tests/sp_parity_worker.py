@@ -21,6 +21,7 @@ from longtune.parallel.dims import ParallelDims, build_mesh
 from longtune.parallel.sharding import unshard_sequence
 from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
 from longtune.parallel.sp_input import shard_micro_batch
+from longtune.parallel.sp_rope import apply_length_aware_rope
 from longtune.train.data import collate
 from longtune.train.model import build_config, build_model, resolve_model_source
 
@@ -48,7 +49,29 @@ def cases(world: int) -> list[dict]:
     name, uly, ring, impl = layouts[0]
     out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring, "impl": impl,
                 "edge": "single_document_unpadded"})
+    # Every rope-extension method under every layout: the packed rows' longest document (91 tokens) passes the
+    # original length (ROPE_ORIGINAL), so length-dependent ropes (dynamic, longrope) switch in the
+    # single-process run while some shards alone would not.
+    for method in ROPE_METHODS:
+        for name, uly, ring, impl in layouts:
+            out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring,
+                        "impl": impl, "rope": method})
     return out
+
+
+ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf")
+ROPE_ORIGINAL = 64
+
+
+def extend_config(config, method: str) -> None:
+    """`config` extended by `method` from ROPE_ORIGINAL to 4 × that, as a recipe's `extension:` does."""
+    from longtune.train.extension import apply_extension, plan_extension
+
+    config.max_position_embeddings = ROPE_ORIGINAL
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    options = {"long_factor": [1.0 + 0.5 * i for i in range(head_dim // 2)]} if method == "longrope" else {}
+    theta = 500000.0 if method == "abf" else None
+    apply_extension(config, plan_extension(config, method, 4 * ROPE_ORIGINAL, rope_theta=theta, options=options))
 
 
 def make_rows(case: dict) -> list[dict]:
@@ -74,6 +97,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_case(case: dict, rank: int, world: int) -> dict:
     source = resolve_model_source(case["family"])
     config = build_config(source, VOCAB, {"num_key_value_heads": case["kv_heads"]})
+    if "rope" in case:
+        extend_config(config, case["rope"])
     reference = build_model(source, config, device="cpu", attn_implementation="sdpa", seed=11)
     sp_model = copy.deepcopy(reference)
     sp_model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -87,6 +112,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     dims = ParallelDims(world, dp=1, sp_ring=case["ring"], sp_ulysses=case["ulysses"])
     mesh = build_mesh(dims, "cpu")
     groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
+    if os.environ.get("LONGTUNE_TEST_SHARD_LOCAL_ROPE") != "1":  # set: the unfixed behaviour, to show it fail
+        apply_length_aware_rope(sp_model, groups)
     real = batch.position_ids >= 0  # every token of these rows is a token (padding included)
     layout = "contiguous" if case["impl"] == "ring" else "zigzag"
     shard = shard_micro_batch(batch.input_ids, batch.labels, batch.position_ids, real, dims=dims, rank=rank,

@@ -59,6 +59,8 @@ def test_world_size_the_recipe_cannot_use(tmp_path):
 def test_recipes_listing():
     proc = run([str(BIN / "longtune"), "recipes"], timeout=60)
     assert "tiny-smoke" in proc.stdout
+    for template in ("embedded-smoke", "multi-gpu", "zero3-extra"):  # prep, accelerate, deepspeed
+        assert template in proc.stdout
 
 
 @pytest.mark.parametrize("command", ["eval", "longrope-search", "plan"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.torch import save_file
 
 from conftest import longtune, losses
 from longtune.parallel.sharding import padding_multiple
@@ -65,6 +66,7 @@ def test_real_recipe_validates_against_its_model(name, tmp_path):
     model_dir.mkdir()
     data_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(shipped))
+    save_file({}, model_dir / "model.safetensors")  # preflight wants weights; their header is all it reads
     recipe = load_recipe(name, [f"model.name_or_path={model_dir}", f"data.path={data_dir}",
                                 f"train.output_dir={tmp_path / 'run'}"])
     preflight(recipe)  # what `longtune train` checks before starting any process

@@ -151,7 +151,7 @@ def test_identical_hash_across_runs_and_worker_counts(tok_dir, tmp_path, mixed_i
     assert hashes[0] == hashes[1] == hashes[2]
 
 
-def test_token_shares_and_length_upsampling(tok_dir, tmp_path, mixed_inputs):
+def test_token_shares_and_length_upsampling(tok_dir, tokenizer, tmp_path, mixed_inputs):
     root, texts = mixed_inputs
     src = [{"type": "jsonl", "name": "j", "paths": [str(root / "a.jsonl")], "weight": {"share": 0.5},
             "upsample": {"threshold": 1500, "keep_prob": 0.3}},
@@ -163,8 +163,17 @@ def test_token_shares_and_length_upsampling(tok_dir, tmp_path, mixed_inputs):
     assert abs(j["achieved_tokens"] + t["achieved_tokens"] - meta["content_tokens"]) == 0
     # Fu-style: short documents are down-sampled, long ones are never dropped for length
     assert j["dropped"].get("length_upsampling", 0) > 0
-    kept = documents_from_rows(ds)
-    assert all(len(ids) - 2 >= 1500 or True for ids in kept.values())
+    # which of the 40 jsonl documents were written (their ids are unique), and their content lengths
+    ordinal_of = {tuple(encode(tokenizer, text)): i for i, text in enumerate(texts[:40])}
+    kept_j = sorted(ordinal_of[tuple(ids)] for ids in documents_from_rows(ds).values() if tuple(ids) in ordinal_of)
+    n_content = [len(encode(tokenizer, text)) - 2 for text in texts[:40]]
+    before_budget = range(kept_j[-1] + 1)  # the share budget only cuts off a tail of documents
+    long_docs = [i for i in before_budget if n_content[i] >= 1500]
+    short_docs = [i for i in before_budget if n_content[i] < 1500]
+    assert long_docs and short_docs
+    assert set(long_docs) <= set(kept_j)  # every long document is kept
+    assert 0 < len(set(short_docs) - set(kept_j)) < len(short_docs)  # short ones: some dropped, some kept
+    assert len(kept_j) == j["documents_kept"]
     src2 = [{"type": "jsonl", "name": "j", "paths": [str(root / "a.jsonl")], "min_tokens": 1500, "max_tokens": 6000}]
     ds2, meta2 = run(tok_dir, tmp_path, src2, name="f")
     for ids in documents_from_rows(ds2).values():
@@ -338,6 +347,31 @@ def test_cli_config_errors(tok_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+def test_cli_yaml_syntax_error_is_one_line_with_its_position(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("output: o\nsources:\n  - {type: csv, name: c\n  paths: [a]\nseq_len: 3\n")
+    assert prep_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"longtune: error: config {path}:4:") and "invalid YAML" in err[0]
+
+
+def test_every_document_dropped_is_an_error_unless_allowed(tok_dir, tmp_path, capsys):
+    (tmp_path / "a.csv").write_text('title,body\nx,"hello world"\ny,"more text"\n')  # no `text` column
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "o"), "tokenizer": str(tok_dir), "seq_len": 128,
+                                    "progress": False, "plots": False,
+                                    "sources": [{"type": "csv", "name": "c", "paths": [str(tmp_path / "a.csv")]}]}))
+    assert prep_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longtune: error:") and "0 rows" in err[0], err
+    assert "missing_field 1" in err[0] and "allow_empty" in err[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert prep_main([str(path), "allow_empty=true"]) == 0
+    assert json.loads((tmp_path / "o" / "longtune_corpus.json").read_text())["rows"] == 0
+    assert prep_main([str(path), "allow_empty=maybe", "overwrite=true"]) == 2  # validated by the schema
+    assert "allow_empty" in capsys.readouterr().err
+
+
 def test_cli_writes_corpus_metadata_and_plots(tok_dir, tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"output": str(tmp_path / "o"), "tokenizer": str(tok_dir), "seq_len": 1024,
@@ -372,6 +406,17 @@ def test_huge_document_is_pre_split_and_round_trips(tok_dir, tokenizer, tmp_path
     # cuts fall where the pre-tokenizer starts a new word anyway: same ids as encoding it whole
     assert ids == encode(tokenizer, text)
     assert meta["documents_split"] == 1
+
+
+def test_pydoc_topics_round_trips_token_for_token(tok_dir, tokenizer, tmp_path):
+    """The standard library's pydoc topics (756 K characters, indented lines): pre-split at the default
+    max_segment_chars, prepared ids equal whole-document encoding."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    ds, meta = run(tok_dir, tmp_path, [{"type": "text", "name": "topics", "paths": [str(path)]}],
+                   seq_len=8192, strategy="concat", shuffle=False)
+    (ids,) = documents_from_rows(ds).values()
+    assert ids == encode(tokenizer, path.read_bytes().decode("utf-8"))
+    assert meta["content_tokens"] == len(ids) > 200_000
 
 
 def test_fill_at_32k_on_stdlib_sources(tok_dir, tmp_path):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,13 +45,15 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def preflight(recipe) -> None:
-    """Cheap checks of everything the recipe points at, before any process starts."""
-    from .checkpoint import check_resumable, checkpoint_layout, latest_checkpoint
+def preflight(recipe, check_resume: bool = True) -> None:
+    """Cheap checks of everything the recipe points at, before any process starts. `check_resume`: also
+    the layout of the checkpoint a resume would start from (only once the run dir is prepared, see rundir.py)."""
     from .model import resolve_model_source
     from .recipe import RecipeError
+    from .tokenizer import check_tokenizer_source
 
     resolve_model_source(recipe.model.name_or_path)
+    check_tokenizer_source(recipe.model.tokenizer)
     for data_path in {r.data.path for r in [recipe, *map(recipe.stage_recipe, range(len(recipe.stages)))]}:
         if data_path is not None and not Path(data_path).is_dir():
             raise RecipeError(f"data.path {data_path!r} is not a directory (expected the output of "
@@ -59,6 +61,19 @@ def preflight(recipe) -> None:
     ds_config = recipe.parallel.deepspeed.config
     if recipe.parallel.backend == "deepspeed" and ds_config and not Path(ds_config).is_file():
         raise RecipeError(f"parallel.deepspeed.config {ds_config!r} does not exist")
+    # The model's files and the layout rules that need its config (heads, layers, head_dim), as the workers
+    # apply them: one error line here instead of one traceback per rank.
+    from .run_setup import preflight_model
+
+    first = recipe.stage_recipe(0) if recipe.stages else recipe
+    preflight_model(recipe, int(os.environ.get("WORLD_SIZE", first.process_count())))
+    if check_resume:
+        check_resume_layout(recipe)
+
+
+def check_resume_layout(recipe) -> None:
+    from .checkpoint import check_resumable, checkpoint_layout, latest_checkpoint
+
     found = latest_checkpoint(Path(recipe.train.output_dir)) if recipe.train.resume else None
     if found is not None:
         world = int(os.environ.get("WORLD_SIZE", recipe.process_count()))
@@ -72,12 +87,25 @@ def _free_port() -> int:
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str], module: str = "longtune.train") -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    """Run `module` on `nproc` processes under torchrun; a signal to this process stops all of them
+    (`launch.run_child`) and ends in one error line and exit code 128 + signal."""
+    from .launch import ChildInterrupted, run_child
+
+    # torchrun (`launch.torchrun_main`: the same, without a Python traceback when it is stopped)
+    cmd = [sys.executable, "-m", "longtune.train.launch", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"longtune: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    try:
+        code = run_child(cmd, env)
+    except ChildInterrupted as exc:
+        print(f"longtune: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    if code > 128 and code - 128 in {int(s) for s in signal.Signals}:  # torchrun itself was signalled
+        print(f"longtune: error: torchrun was stopped by {signal.Signals(code - 128).name}; every process it "
+              "started has exited", file=sys.stderr, flush=True)
+    return code
 
 
 def _configure_logging(rank: int) -> None:
@@ -90,10 +118,14 @@ def _configure_logging(rank: int) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
+    from .rundir import prepare_run_dir
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        preflight(recipe)
+        preflight(recipe, check_resume=False)
+        if "WORLD_SIZE" not in os.environ:  # this process owns the run dir (and its lock) for the run's life
+            prepare_run_dir(recipe)
+            check_resume_layout(recipe)
     except Exception as exc:
         if not getattr(exc, "user_facing", False):
             raise
@@ -126,14 +158,25 @@ def worker_main(argv: list[str] | None = None, exit_hard: bool = True) -> int:
         print("usage: python -m longtune.train RECIPE [section.key=value ...]", file=sys.stderr)
         return EXIT_USAGE if not argv else 0
     rank = int(os.environ.get("RANK", "0"))
+    offline_environment()
     _quiet_cpu_environment()
     _configure_logging(rank)
+    from longtune.parallel.dims import launched_world
+
     from .loop import run_training
     from .recipe import load_recipe
+    from .rundir import prepare_run_dir, prepared_here
 
     try:
         recipe = load_recipe(argv[0], argv[1:])
-        preflight(recipe)
+        if prepared_here(recipe):
+            preflight(recipe)
+        else:  # started by a launcher: rank 0 owns the run dir; the other ranks wait for it in the rendezvous
+            preflight(recipe, check_resume=False)
+            (recipe.stage_recipe(0) if recipe.stages else recipe).data_parallel_size(launched_world()[2])
+            if rank == 0:
+                prepare_run_dir(recipe)
+                check_resume_layout(recipe)
         if recipe.stages:
             from .stages import run_stages
 
@@ -174,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(module))
-    recipes = sub.add_parser("recipes", help="list the shipped recipes")
+    recipes = sub.add_parser("recipes", help="list the shipped recipes and prep/accelerate/deepspeed configs")
     recipes.set_defaults(func=cmd_recipes)
     return parser
 
@@ -184,6 +227,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
     for name in shipped_recipes():
         print(f"{name:28s} {RECIPES_DIR / (name + '.yaml')}")
+    for what, pattern in (("prep configs (longtune prep NAME)", "prep/*.yaml"),
+                          ("accelerate configs", "accelerate/*.yaml"), ("deepspeed configs", "deepspeed/*.json")):
+        print(f"\n{what}:")
+        for path in sorted(RECIPES_DIR.glob(pattern)):
+            print(f"{path.stem:28s} {path}")
     return 0
 
 
@@ -195,7 +243,15 @@ def _quiet_cpu_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def offline_environment() -> None:
+    """longtune never downloads: the Hugging Face libraries are switched offline in this process (and the
+    ranks it launches inherit it), unless the user set these variables themselves."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    offline_environment()
     _quiet_cpu_environment()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:  # their own parsers take every argument, options first included

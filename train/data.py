@@ -8,6 +8,8 @@ document), and short rows are right-padded with ignored labels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ import torch
 
 from longtune.data_prep.embedded import embedded_documents
 from longtune.data_prep.packing import pack_concatenated
+from longtune.data_prep.tokenization import encoding_fingerprint
+from longtune.data_prep.writer import METADATA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ def load_corpus(path: str | None, tokenizer, seq_len: int) -> datasets.Dataset:
         ds = datasets.load_from_disk(str(corpus_dir))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"data.path {path!r} is not a saved dataset: {exc}") from None
+    check_tokenizer(corpus_dir, tokenizer)
     missing = {"input_ids", "doc_lens"} - set(ds.column_names)
     if missing:
         raise DataError(f"data.path {path!r} lacks column(s) {', '.join(sorted(missing))}")
@@ -58,6 +63,34 @@ def load_corpus(path: str | None, tokenizer, seq_len: int) -> datasets.Dataset:
     if longest > seq_len:
         raise DataError(f"data.path {path!r} has rows of {longest} tokens, longer than train.seq_len {seq_len}")
     return ds
+
+
+def check_tokenizer(corpus_dir: Path, tokenizer) -> None:
+    """Refuse a corpus that `longtune prep` tokenized with another tokenizer than training's: its ids
+    would be read as other tokens. Compared by `encoding_fingerprint` (the tokenizer JSON's full hash for
+    corpora written before it was recorded); a dataset without prep metadata is not checked."""
+    meta_file = corpus_dir / METADATA_FILE
+    if not meta_file.is_file():
+        return
+    try:
+        recorded = json.loads(meta_file.read_text()).get("tokenizer") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"data.path {str(corpus_dir)!r}: unreadable {METADATA_FILE} ({exc})") from None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not recorded:
+        log.warning("data.path %s: tokenizer not compared with the corpus's (no fast tokenizer or no record)",
+                    corpus_dir)
+        return
+    current = backend.to_str()
+    if "encoding_fingerprint" in recorded:
+        key, mine = "encoding_fingerprint", encoding_fingerprint(current)
+    else:
+        key, mine = "fingerprint", hashlib.sha256(current.encode()).hexdigest()[:16]
+    if recorded.get(key) != mine:
+        used = getattr(tokenizer, "name_or_path", "") or "the embedded tokenizer"
+        raise DataError(f"data.path {str(corpus_dir)!r} was tokenized with another tokenizer "
+                        f"({recorded.get('path')}, {key} {recorded.get(key)}) than training uses ({used}, "
+                        f"{mine}); prepare it again with this tokenizer, or train the model it was made for")
 
 
 def _longest_row(ds: datasets.Dataset) -> int:

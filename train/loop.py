@@ -11,10 +11,13 @@ from longtune.parallel.dims import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
+    init_process_group,
+    launched_world,
 )
 from longtune.parallel.pipeline import StageInputs
 from longtune.parallel.recompute import RecomputeSettings, activation_offload
 from longtune.parallel.tiling import lm_head_computes_loss
+from longtune.parallel.watchdog import start_watchdog
 
 from .checkpoint import (
     check_resumable,
@@ -66,8 +69,19 @@ def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
 
 
 def run_training(recipe: Recipe) -> Path:
-    """Train as one rank of the launched world; returns the run dir."""
-    run = setup_run(recipe)
+    """Train as one rank of the launched world; returns the run dir. Under a launcher a watchdog thread
+    ends the run when a rank stops sending heartbeats for train.hang_timeout_s (parallel/watchdog.py)."""
+    if launched_world()[2] > 1:  # join first: the ranks leave the rendezvous together and so start beating
+        init_process_group(recipe.train.collective_timeout_s)
+    watchdog = start_watchdog(recipe.train.hang_timeout_s)
+    try:
+        return _train(recipe, setup_run(recipe))
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def _train(recipe: Recipe, run) -> Path:
     rank, world, dims, device, tr = run.rank, run.world, run.dims, run.device, recipe.train
     dp, sp, batches, tokenizer, config = dims.dp, recipe.parallel.sp, run.batches, run.tokenizer, run.config
     run_dir = Path(tr.output_dir)

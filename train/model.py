@@ -76,6 +76,52 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
     return ModelSource(str(path), is_tiny=False)
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+"""Weight files `from_pretrained` loads (sharded ones come with their `*.index.json`)."""
+
+
+def check_model_files(source: ModelSource) -> None:
+    """A model dir's files are usable, read cheaply before any worker starts: config.json is a JSON object,
+    weights are there (every shard an index names), every safetensors file has a readable header whose
+    tensors the file covers (a truncated download fails here)."""
+    import json
+
+    if source.is_tiny:
+        return
+    root = Path(source.name_or_path)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelSourceError(f"model dir {str(root)!r}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"model dir {str(root)!r}: config.json is not a JSON object")
+    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in root.glob(pattern)})
+    for index in sorted(root.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelSourceError(f"model dir {str(root)!r}: {index.name} is not a readable weight index "
+                                   f"({exc})") from None
+        missing = sorted(s for s in shards if not (root / s).is_file())
+        if missing:
+            raise ModelSourceError(f"model dir {str(root)!r}: {index.name} names missing weight files: "
+                                   f"{', '.join(missing)}")
+    if not weights:
+        raise ModelSourceError(f"model dir {str(root)!r} has a config but no weights (model.safetensors, "
+                               "model-*.safetensors or pytorch_model.bin)")
+    from safetensors import safe_open
+
+    for path in weights:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+            raise ModelSourceError(f"model dir {str(root)!r}: {path.name} is not a complete safetensors file "
+                                   f"(truncated?): {exc}") from None
+
+
 def build_config(source: ModelSource, vocab_size: int, overrides: dict[str, Any],
                  trust_remote_code: bool = False) -> PretrainedConfig:
     from transformers import AutoConfig
@@ -85,7 +131,12 @@ def build_config(source: ModelSource, vocab_size: int, overrides: dict[str, Any]
         model_type = fields.pop("model_type")
         config = AutoConfig.for_model(model_type, **fields)
     else:
-        config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code,
+                                                local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:  # bad JSON, an unknown model_type, remote code refused
+            raise ModelSourceError(f"model dir {source.name_or_path!r}: cannot read its config "
+                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         if config.model_type not in SUPPORTED_FAMILIES:
             log.warning("model_type %r is not one of the tested families (%s)", config.model_type,
                         ", ".join(SUPPORTED_FAMILIES))
@@ -116,5 +167,5 @@ def build_model(source: ModelSource, config: PretrainedConfig, *, device: str | 
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         return model.to(device)
-    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, config=config, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, config=config, local_files_only=True, **kwargs)
     return model.to(device)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import longtune.train as _train_pkg
 from longtune.data_prep.yaml_config import apply_overrides as apply_dotted_overrides
@@ -30,18 +30,58 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SP_ATTN_IMPLEMENTATION = "longtune_sp"
+"""The name `longtune.parallel.sp_attention` registers its sequence-parallel attention under."""
+
+_BUILTIN_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                                 "flex_attention", SP_ATTN_IMPLEMENTATION)
+
+
+def known_attn_implementations() -> list[str]:
+    """Attention implementations that need no download: transformers' registered ones (its
+    `AttentionInterface`), eager, and longtune's sequence-parallel one. A Hub kernel (`org/repo`) is not one."""
+    names = set(_BUILTIN_ATTN_IMPLEMENTATIONS)
+    try:
+        from transformers import AttentionInterface
+
+        names.update(AttentionInterface().valid_keys())
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return sorted(n for n in names if "/" not in n)
+
+
+def _check_attn_implementation(name: str) -> str:
+    if name in _BUILTIN_ATTN_IMPLEMENTATIONS:  # the common case, without importing transformers
+        return name
+    known = known_attn_implementations()
+    if "/" in name or ":" in name or name not in known:
+        hub = " (a Hub kernel repo: longtune does not download kernels)" if "/" in name else ""
+        raise ValueError(f"{name!r} is not a known attention implementation{hub}; use one of "
+                         f"{', '.join(known)}")
+    return name
+
+
 class ModelSection(_Section):
     name_or_path: str = Field("tiny-llama", description="A local HF causal-LM dir, or a tiny flavour: "
                               "tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype. bfloat16 keeps fp32 master weights (autocast / FSDP2 "
         "mixed precision / DeepSpeed bf16).")
-    attn_implementation: str = Field("sdpa", description="transformers attention implementation.")
-    tokenizer: str | None = Field(None, description="Tokenizer dir or tokenizer.json; default: the "
-                                  "model dir's own, or the embedded tokenizer for tiny flavours.")
+    attn_implementation: str = Field("sdpa", description="transformers attention implementation: eager, "
+                                     "sdpa, flash_attention_2/3/4, flex_attention, another name transformers "
+                                     "registers, or longtune_sp (what sequence parallelism uses); Hub kernels "
+                                     "(org/repo) are refused: nothing is downloaded.")
+    tokenizer: str | None = Field(None, description="Local tokenizer dir or tokenizer.json (never a Hub "
+                                  "id: nothing is downloaded); default: the model dir's own, or the embedded "
+                                  "tokenizer for tiny flavours.")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="Fields set on the HF "
                                              "config before the model is built (e.g. num_hidden_layers).")
     trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model dir.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attn_implementation(cls, value: str) -> str:
+        return _check_attn_implementation(value)
 
 
 class PoseSection(_Section):
@@ -200,9 +240,19 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     resume: bool = Field(True, description="Continue from the newest complete checkpoint in "
-                         "output_dir when there is one.")
+                         "output_dir when there is one (a corrupt newest one is moved aside to step_N.corrupt "
+                         "and the newest good one is used).")
+    overwrite: bool = Field(False, description="Start clean in an output_dir that already holds a run: remove "
+                            "its checkpoints, metrics and model first. Without it, resume: false on such a dir is "
+                            "an error (it would mix two runs).")
     export: bool = Field(True, description="Write an HF model dir (safetensors) to output_dir/model.")
     progress: bool = Field(True, description="Show a progress bar on rank 0.")
+    hang_timeout_s: float = Field(300.0, ge=0, description="Several processes: every rank sends a heartbeat "
+                                  "from a thread independent of the training step; a rank silent this long "
+                                  "(stopped or hung) ends the run with one error line and exit code 1. 0 "
+                                  "disables the watchdog.")
+    collective_timeout_s: float = Field(600.0, gt=0, description="Timeout of the process group's collectives "
+                                        "(init_process_group): a collective waiting longer fails the run.")
     wandb: WandbSection = Field(default_factory=WandbSection)
 
 

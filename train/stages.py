@@ -27,7 +27,7 @@ from .model import build_config, resolve_model_source
 from .recipe import Recipe, StageGateSection, recipe_from_dict
 
 STAGE_FILE = "stage.json"
-_RUN_CONTROL_KEYS = ("progress", "resume", "wandb")
+_RUN_CONTROL_KEYS = ("progress", "resume", "overwrite", "wandb")
 """train.* keys that do not change what a stage trains: a stage completed under other values still counts."""
 
 

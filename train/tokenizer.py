@@ -52,14 +52,33 @@ def embedded_tokenizer(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> PreTrainedToken
     return PreTrainedTokenizerFast(tokenizer_object=fast, **SPECIAL_TOKENS)
 
 
+class TokenizerSourceError(ValueError):
+    """A `model.tokenizer` that is not on this machine."""
+
+    user_facing = True  # the CLI prints it as one error line, without a traceback
+
+
+def check_tokenizer_source(source: str | None) -> None:
+    """`model.tokenizer` must be a local dir or a tokenizer.json file: a Hub repo id is refused before
+    transformers could try to fetch it (longtune does not download)."""
+    if source is None:
+        return
+    path = Path(source)
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".json")):
+        raise TokenizerSourceError(f"model.tokenizer {source!r} is neither a local tokenizer dir nor a "
+                                   "tokenizer.json file; longtune does not download")
+
+
 def load_tokenizer(source: str | None, model_dir: str | None, trust_remote_code: bool = False
                    ) -> PreTrainedTokenizerBase:
-    """`source` (a dir or tokenizer.json) if given, else the model dir's tokenizer, else the embedded one."""
+    """`source` (a dir or tokenizer.json) if given, else the model dir's tokenizer, else the embedded one.
+    Local files only: nothing is fetched from the Hub."""
     if source is not None:
+        check_tokenizer_source(source)
         path = Path(source)
         if path.is_file() and path.suffix == ".json":
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     if model_dir is not None:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     return embedded_tokenizer()

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="any of passkey,needle,ppl (default passkey,needle,ppl; with --sp > 1: ppl)")
     p.add_argument("--out", help="output dir (default: <run dir>/eval for a run's model/, else ./eval-<name>)")
     p.add_argument("--trials", type=int, default=5, help="passkey keys per cell (default %(default)s)")
+    p.add_argument("--passkey-keys", default="number", choices=("number", "word"),
+                   help="passkey keys: integers 1-50,000, or one-token words (default %(default)s)")
     p.add_argument("--ppl-protocols", default="single_window,sliding",
                    help=f"any of {','.join(PROTOCOLS)} (default %(default)s)")
     p.add_argument("--ppl-texts", type=int, default=4, help="texts averaged for perplexity (default %(default)s)")
@@ -144,7 +146,8 @@ def default_lengths(max_positions: int) -> list[int]:
 
 def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], tasks: list[str],
              protocols: list[str], trials: int, ppl_texts: int, stride: int, texts: list[str] | None,
-             seed: int, device: str, dtype: str, progress: bool, sp: int = 1, sp_impl: str = "zigzag") -> dict:
+             seed: int, device: str, dtype: str, progress: bool, sp: int = 1, sp_impl: str = "zigzag",
+             passkey_keys: str = "number") -> dict:
     """The results of `tasks`; with `sp` > 1 (perplexity only) on each of the `sp` launched processes."""
     from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
 
@@ -155,6 +158,10 @@ def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], ta
     sp_eval = join_sequence_parallel(sp_impl, sp, device) if sp > 1 else None
     lm = load_model(model_dir, sp_eval.device if sp_eval else device, dtype,
                     attn_implementation=ATTN_IMPLEMENTATION if sp_eval else None)
+    if sp_eval:
+        from longtune.parallel.sp_rope import apply_length_aware_rope
+
+        apply_length_aware_rope(lm.model, sp_eval.groups)
     lengths = lengths or default_lengths(lm.max_position_embeddings)
     documents = texts if texts is not None else long_text_documents()
     if "passkey" in tasks:  # fail before any work if the smallest length cannot hold the prompt
@@ -168,13 +175,14 @@ def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], ta
                   "original_length": lm.original_length, "rope_parameters": lm.rope_parameters},
         "lengths": lengths, "depths": depths, "seed": seed,
         "text_source": "user files" if texts is not None else
-        "embedded documents (also the tiny recipes' training corpus: not held out)",
+        "held-out embedded documents (in no shipped training corpus)",
     }
     started = time.perf_counter()
     try:
         if "passkey" in tasks:
             bar.set_postfix_str("passkey")
-            results["passkey"] = run_passkey(lm, lengths, depths, trials, seed, progress=bar.update)
+            results["passkey"] = run_passkey(lm, lengths, depths, trials, seed, progress=bar.update,
+                                             key_form=passkey_keys)
         if "needle" in tasks:
             bar.set_postfix_str("needle")
             results["needle"] = run_needle(lm, lengths, depths, documents, progress=bar.update)
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return relaunch_under_torchrun(args.sp, argv, module="longtune.train.evaluate.cli")
         results = evaluate(v["model_dir"], v["lengths"], v["depths"], v["tasks"], v["protocols"], args.trials,
                            args.ppl_texts, args.stride, v["texts"], args.seed, args.device, args.dtype,
-                           progress=not args.no_progress and rank == 0, sp=args.sp, sp_impl=args.sp_impl)
+                           progress=not args.no_progress and rank == 0, sp=args.sp, sp_impl=args.sp_impl,
+                           passkey_keys=args.passkey_keys)
         if rank != 0:
             return _leave(0, world)
         out: Path = v["out"]

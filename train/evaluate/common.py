@@ -60,13 +60,11 @@ def load_tokenizer(model_dir: Path):
 
 
 def long_text_documents() -> list[str]:
-    """Local long text: the embedded documents (no download), longest first.
+    """Local long text: the held-out embedded documents (no download), longest first. The shipped
+    recipes train on the `train` split, which leaves these out; pass --text FILE for other text."""
+    from longtune.data_prep.embedded import embedded_split
 
-    They are also the training corpus of the tiny recipes, so on those models this text is not held out;
-    pass --text FILE for held-out documents."""
-    from longtune.data_prep.embedded import embedded_documents
-
-    return sorted(embedded_documents(), key=len, reverse=True)
+    return sorted(embedded_split("heldout"), key=len, reverse=True)
 
 
 def text_tokens(tokenizer, documents: list[str], n_tokens: int) -> list[int]:

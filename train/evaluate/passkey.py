@@ -1,5 +1,6 @@
 """Passkey retrieval with the Landmark-attention prompt (used by PI, YaRN, LongLoRA, LongRoPE), scored by
-exact match of the first integer the model generates, on a lengths × depths grid."""
+exact match of the first integer (or, with one-token word keys, the first word) the model generates, on a
+lengths × depths grid."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from longtune.data_prep.synthetic import LANDMARK_MAX_KEY, landmark_prompt
+from longtune.data_prep.synthetic import KEY_FORMS, draw_key, landmark_prompt
 
 from .common import EvalError, LoadedModel, encode, greedy_generate
 
@@ -16,12 +17,12 @@ from .common import EvalError, LoadedModel, encode, greedy_generate
 @dataclass(frozen=True)
 class PasskeyPrompt:
     input_ids: list[int]
-    key: int
+    key: int | str
     needle_start: int
     """Token index where the needle begins."""
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
+def build_prompt(tokenizer, length: int, depth: float, key: int | str) -> PasskeyPrompt:
     """A prompt of at most `length` tokens (BOS included) with the needle after `depth` of the filler.
 
     The filler is whole Landmark sentences repeated; the total length is within one filler sentence
@@ -39,25 +40,42 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
+def first_word(text: str) -> str | None:
+    match = re.search(r"[A-Za-z]+", text)
+    return match.group() if match else None
+
+
+def answer_matches(answer: str, key: str, key_form: str) -> bool:
+    """Exact match of the first integer (`number` keys) or the first word (`word` keys) of the answer."""
+    if key_form == "word":
+        return first_word(answer) == key
+    return first_integer(answer) == int(key)
+
+
 def run_passkey(lm: LoadedModel, lengths: list[int], depths: list[float], trials: int, seed: int,
-                max_new_tokens: int = 8, progress: Callable[[], None] | None = None) -> dict:
-    """Accuracy per (length, depth) over `trials` random keys 1–50 000 (seeded per cell)."""
+                max_new_tokens: int = 8, progress: Callable[[], None] | None = None,
+                key_form: str = "number") -> dict:
+    """Accuracy per (length, depth) over `trials` random keys (seeded per cell): integers 1–50 000, or
+    one-token words with `key_form="word"`."""
+    if key_form not in KEY_FORMS:
+        raise EvalError(f"unknown passkey key form {key_form!r}; valid: {', '.join(KEY_FORMS)}")
     cells = []
     for length in lengths:
         for depth in depths:
             rng = random.Random(f"{seed}-{length}-{depth}")
             hits, samples = 0, []
             for _ in range(trials):
-                key = rng.randint(1, LANDMARK_MAX_KEY)
+                key = draw_key(rng, key_form)
                 prompt = build_prompt(lm.tokenizer, length, depth, key)
                 answer = greedy_generate(lm, prompt.input_ids, max_new_tokens)
-                ok = first_integer(answer) == key
+                ok = answer_matches(answer, key, key_form)
                 hits += ok
                 if len(samples) < 2:
-                    samples.append({"key": key, "output": answer, "correct": ok})
+                    samples.append({"key": int(key) if key_form == "number" else key, "output": answer, "correct": ok})
                 if progress:
                     progress()
             cells.append({"length": length, "depth": depth, "prompt_tokens": len(prompt.input_ids),
                           "accuracy": hits / trials, "trials": trials, "samples": samples})
-    return {"prompt": "landmark", "scoring": "exact match of the first generated integer",
+    return {"prompt": "landmark", "keys": key_form,
+            "scoring": f"exact match of the first generated {'word' if key_form == 'word' else 'integer'}",
             "max_new_tokens": max_new_tokens, "cells": cells}
