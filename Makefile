@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 demo: install
 	$(BIN)/longtune demo --out $(RUNS)
 
-# Re-train the shipped base model from scratch (4,500 steps in three stages: 35-80 min on one CPU core).
+# Re-train the shipped base model from scratch (2,500 steps: about 25 min on one idle CPU core).
 base-model: install
 	PATH=$(abspath $(BIN)):$$PATH PYTHON=$(abspath $(BIN))/python bash examples/base-model/train.sh
 

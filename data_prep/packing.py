@@ -1,7 +1,7 @@
 """Packing tokenized documents into fixed-length rows that keep their document boundaries.
 
 A row is `{"input_ids": [...], "doc_lens": [...]}` with `sum(doc_lens) == len(input_ids)`
-(DESIGN.md, "Packed corpus"). A document that does not fit the rest of a row continues in the
+(docs/data_prep.md, "Output"). A document that does not fit the rest of a row continues in the
 next one as a new piece, so every boundary is a real one or a split of one document.
 """
 

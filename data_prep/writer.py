@@ -1,4 +1,4 @@
-"""`PackedCorpusWriter`: rows → a `datasets.load_from_disk` directory (DESIGN.md "Packed corpus"),
+"""`PackedCorpusWriter`: rows → a `datasets.load_from_disk` directory (docs/data_prep.md, "Output"),
 written in small record batches (Arrow list offsets are 32-bit) with a content hash of every row.
 
 Everything is written under `OUT.partial/`; `publish()` renames it to `OUT` only after the metadata

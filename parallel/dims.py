@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 MESH_ORDER = ("pp", "dp", "sp_ring", "sp_ulysses", "tp")
-"""Outer → inner: the fastest links go to the chattiest dimension (DESIGN.md)."""
+"""Outer → inner: the fastest links go to the chattiest dimension (docs/design.md)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`parallelize()`: every parallel technique applied to a model, in one fixed order.
 
-The order (DESIGN.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
+The order (docs/design.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
 recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
 Each step lives in its own module and returns early when the recipe leaves it off. The pipeline split
 turns the model into this rank's stages (pipeline.py); every later step applies to each of them, so

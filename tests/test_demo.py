@@ -9,58 +9,50 @@ import pytest
 import yaml
 
 from conftest import longtune
-from longtune.data_prep.synthetic import landmark_prompt
+from longtune.data_prep.synthetic import WORD_KEYS, landmark_prompt
 from longtune.train.evaluate.common import encode, load_model, load_tokenizer
 from longtune.train.evaluate.passkey import run_passkey
 from longtune.train.model import shipped_model_dir
-from longtune.train.recipe import RECIPES_DIR, load_recipe
+from longtune.train.recipe import RECIPES_DIR
 
 BASE = shipped_model_dir("tiny-base-256")
 
 
 def test_shipped_base_model_retrieves_passkeys_at_its_length():
-    """Far above chance (a random 1-5 digit key: ~0), on keys the model never saw (eval seed ≠ prep seed).
-    The issue's target is 95 % at 256; the shipped model gets 0.96 at 256 and 0.97 at 128 in its own eval (eval.md)."""
+    """Far above chance (1 in 64 word keys), on keys the model never saw (eval seed ≠ prep seed). Its own eval
+    (eval.md, 20 keys × 5 depths) is the number that the target (≥ 0.95 at 256) is judged on."""
     lm = load_model(BASE)
     assert lm.max_position_embeddings == 256
-    result = run_passkey(lm, [128, 256], [0.0, 0.25, 0.5, 0.75, 1.0], trials=4, seed=123)
+    result = run_passkey(lm, [128, 256], [0.0, 0.25, 0.5, 0.75, 1.0], trials=4, seed=123, key_form="word")
     cells = result["cells"]
     accuracy = sum(c["accuracy"] for c in cells) / len(cells)
-    assert accuracy >= 0.6, cells
+    assert accuracy >= 0.8, cells
 
 
 def test_shipped_base_model_ships_its_provenance():
-    """Three stages (examples/base-model/train.sh): each stage's resolved recipe and loss log, each stage
-    trained from the previous one's export, and every log complete."""
+    """examples/base-model/train.sh: the resolved recipe and its complete loss log, trained from a seeded
+    random init on the shipped prep config, which leaves the held-out documents out."""
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prep.yaml", "eval.md", "README.md"):
         assert (BASE / name).is_file(), name
-    previous = None
-    for suffix in ("", "-stage2", "-stage3"):
-        steps = [json.loads(line) for line in (BASE / f"metrics{suffix}.jsonl").read_text().splitlines() if line]
-        recipe = yaml.safe_load((BASE / f"recipe{suffix}.yaml").read_text())
-        assert steps[-1]["step"] == recipe["train"]["max_steps"] == len(steps), suffix
-        if previous is None:
-            assert recipe["model"]["name_or_path"] == "tiny-llama" and steps[-1]["loss"] < steps[0]["loss"] / 4
-        else:
-            assert recipe["model"]["name_or_path"] == f"{previous['train']['output_dir']}/model", suffix
-            assert recipe["data"] == previous["data"] and recipe["train"]["seed"] != previous["train"]["seed"]
-        previous = recipe
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_shipped_base_stage_recipes_are_the_ones_that_trained_it(stage):
-    """train.sh's stage recipes resolve to the recipes shipped with the weights (no silent drift)."""
-    resolved = load_recipe(str(RECIPES_DIR / f"tiny-base-256-stage{stage}.yaml"), []).model_dump(mode="json")
-    assert resolved == yaml.safe_load((BASE / f"recipe-stage{stage}.yaml").read_text())
+    steps = [json.loads(line) for line in (BASE / "metrics.jsonl").read_text().splitlines() if line]
+    recipe = yaml.safe_load((BASE / "recipe.yaml").read_text())
+    assert steps[-1]["step"] == recipe["train"]["max_steps"] == len(steps)
+    assert recipe["model"]["name_or_path"] == "tiny-llama" and steps[-1]["loss"] < steps[0]["loss"] / 4
+    prep = yaml.safe_load((BASE / "prep.yaml").read_text())
+    assert prep == yaml.safe_load((RECIPES_DIR / "prep" / "tiny-base-256.yaml").read_text())
+    assert all(s.get("split") == "train" for s in prep["sources"] if s["type"] == "embedded")
 
 
 def test_shipped_base_prep_trains_the_eval_prompts_at_256():
     """`longtune eval` at 256 tokens builds prompts of 5 filler sentences; the base model's prep must hold
-    samples with as many sentences for every key length, whole (prompt + answer + EOS) within a 256 row."""
+    samples with as many sentences for every key, whole (prompt + answer + EOS) within a 256 row; every word
+    key is one token, so the answer is found, not spelled."""
     prep = yaml.safe_load((BASE / "prep.yaml").read_text())
     longest = max(s["length_tokens"] for s in prep["sources"] if s["type"] == "passkey")
+    assert all(s.get("key") == "word" for s in prep["sources"] if s["type"] == "passkey")
     tok = load_tokenizer(BASE)
-    for key in (7, 42, 3995, 39954, 12345, 50000):  # answers of 2 … 6 tokens
+    for key in WORD_KEYS:
+        assert len(encode(tok, f" {key}")) == 1, key
         evaluated, _ = landmark_prompt(lambda t: encode(tok, t), [tok.bos_token_id], 256, 0.0, key)
         trained, _ = landmark_prompt(lambda t: encode(tok, t), [tok.bos_token_id], longest, 0.0, key)
         assert len(trained) == len(evaluated), (key, len(trained), len(evaluated))  # same sentence count
@@ -94,3 +86,22 @@ def test_demo_rejects_bad_arguments(tmp_path):
     done = longtune("demo", "--out", str(tmp_path / "d"), "--nproc", "3", check=False)
     assert done.returncode == 2 and "divisor of 4" in done.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_demo_reaches_the_extension_target(tmp_path):
+    """The main job as README command 1 runs it (256 → 2,048, sp = 2, 10 keys × 5 depths per length): the base
+    model fails at 2,048 wherever the needle lies beyond its 256 positions (depths 0-75 %; at 100 % the needle
+    sits inside the last 256 tokens, where any working base finds it), the best extended model retrieves
+    ≥ 0.95 in every (length, depth) cell up to 2,048, and its held-out perplexity at 2,048 is within 1.1×
+    that at 256."""
+    out = tmp_path / "demo"
+    done = longtune("demo", "--out", str(out), check=False, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = json.loads((out / "results.json").read_text())["models"]
+    base_cells = json.loads((out / "eval" / "base" / "results.json").read_text())["passkey"]["cells"]
+    far = [c["accuracy"] for c in base_cells if c["length"] == 2048 and c["depth"] < 1]
+    assert len(far) == 4 and sum(far) / len(far) <= 0.2, base_cells
+    best = max((m for name, m in models.items() if name != "base"), key=lambda m: m["worst_cell"])
+    assert best["worst_cell"] >= 0.95, {name: m["worst_cell"] for name, m in models.items()}
+    assert best["ppl_ratio"] <= 1.1, best

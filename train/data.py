@@ -1,4 +1,4 @@
-"""Training data: a packed corpus (DESIGN.md "Packed corpus") or the embedded default, read in a
+"""Training data: a packed corpus (docs/data_prep.md, "Output") or the embedded default, read in a
 seeded order that depends only on (seed, step), never on the number of ranks.
 
 A row becomes model inputs here: labels are shifted on the full row (a label never crosses a

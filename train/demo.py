@@ -20,16 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .cli import error_raising_parser
 from .evaluate.common import EvalError
+from .launch import ChildInterrupted
 
 METHODS = ("pi", "yarn")
 BASE_MODEL = "tiny-base-256"
+PASSKEY_KEYS = "word"
+"""The shipped base model's passkey form: one-token word keys (`recipes/prep/demo-extend.yaml` trains with it)."""
 
 
 class DemoError(EvalError):
@@ -83,15 +85,28 @@ def eval_lengths(original: int, target: int) -> list[int]:
     return lengths + [target]
 
 
+def perplexity_text_count(model_dir: Path, target: int, most: int = 4) -> int:
+    """How many texts of `target` tokens the held-out documents give (at most `most`, with a fifth to spare:
+    eval deals the documents out to the texts one by one)."""
+    from .evaluate.common import load_tokenizer, long_text_documents
+
+    tokenizer = load_tokenizer(model_dir)
+    total = sum(len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1 for doc in long_text_documents())
+    return max(1, min(most, int(total / (1.2 * target))))
+
+
 def _stage(title: str) -> None:
     print(f"\n== longtune demo: {title}", flush=True)
 
 
 def _run(cmd: list[str], what: str) -> None:
+    """Run a stage's command; a signal to the demo stops it (`launch.run_child`: ChildInterrupted)."""
+    from .launch import run_child
+
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=os.environ.copy())
-    if done.returncode != 0:
-        raise DemoError(f"{what} failed (exit {done.returncode}): {' '.join(cmd)}")
+    code = run_child(cmd, os.environ.copy())
+    if code != 0:
+        raise DemoError(f"{what} failed (exit {code}): {' '.join(cmd)}")
     print(f"   {what}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -137,7 +152,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         run_dir = out / method
         overrides = [f"model.name_or_path={base_dir}", f"data.path={data}", f"train.output_dir={run_dir}",
                      f"extension.target_length={args.target_length}", f"train.seq_len={args.target_length}",
-                     f"parallel.sp.ulysses={args.nproc}", "train.resume=false"]
+                     f"parallel.sp.ulysses={args.nproc}", "train.resume=false", "train.overwrite=true"]
         if args.steps:
             overrides.append(f"train.max_steps={args.steps}")
         _run(_longtune("train", str(RECIPES_DIR / f"demo-extend-{method}.yaml"), *overrides), f"extend {method}")
@@ -146,12 +161,14 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     lengths = eval_lengths(original, args.target_length)
     depths = sorted({float(d) for d in args.depths.split(",")})
+    ppl_texts = perplexity_text_count(base_dir, args.target_length)
     results = {}
     for name, model_dir in models.items():
         _stage(f"evaluate {name}: passkey {lengths} × {len(depths)} depths × {args.trials} keys, perplexity")
         t = time.perf_counter()
         res = evaluate(model_dir, lengths, depths, ["passkey", "ppl"], ["single_window"], args.trials,
-                       ppl_texts=4, stride=256, texts=None, seed=0, device="auto", dtype="float32", progress=True)
+                       ppl_texts=ppl_texts, stride=256, texts=None, seed=0, device="auto", dtype="float32", progress=True,
+                       passkey_keys=PASSKEY_KEYS)
         eval_dir = out / "eval" / name
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_report(res, eval_dir)
@@ -200,10 +217,10 @@ def comparison_markdown(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{row['passkey'][n]:.2f}" for n in lengths)
                      + f" | {row['worst_cell']:.2f} | " + " | ".join(f"{row['ppl'][n]:.2f}" for n in lengths)
                      + f" | {row['ppl_ratio']:.3f} |")
-    lines += ["", "Passkey: Landmark prompt, exact match of the first generated integer; base = the shipped "
-              f"model at {original} tokens evaluated by direct extrapolation. Perplexity: single window, "
-              "embedded documents (also training text: not held out). Per-model tables and heatmaps: "
-              "`eval/<model>/results.md`.", "",
+    lines += ["", "Passkey: Landmark prompt with a one-token word key, exact match of the first generated word; "
+              f"base = the shipped model at {original} tokens evaluated by direct extrapolation. Perplexity: single "
+              "window, held-out embedded documents (in no training corpus of the base or the extensions). "
+              "Per-model tables and heatmaps: `eval/<model>/results.md`.", "",
               "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
     return "\n".join(lines)
 
@@ -267,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as exc:
         print(f"longtune: error: {exc}", file=sys.stderr)
         return 2
+    except ChildInterrupted as exc:  # the stopped `longtune train` has said so on its own error line
+        return exc.code
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     print()
