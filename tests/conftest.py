@@ -109,3 +109,12 @@ def assert_same_export(got_dir, want_dir) -> None:
     for name in want:
         assert got[name].shape == want[name].shape, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=5e-4, msg=name)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not): read from /proc, Linux only."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

@@ -85,6 +85,8 @@ def test_demo_rejects_bad_arguments(tmp_path):
     assert done.returncode == 2 and "must exceed" in done.stderr
     done = longtune("demo", "--out", str(tmp_path / "d"), "--nproc", "3", check=False)
     assert done.returncode == 2 and "divisor of 4" in done.stderr
+    done = longtune("demo", "--out", str(tmp_path / "d"), "--target-length", "65536", check=False)
+    assert done.returncode == 2 and "held-out documents hold fewer than 65536 tokens" in done.stderr
     assert not (tmp_path / "d").exists()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PARITY_ARGS, longtune, metrics, subprocess_env
+from conftest import BIN, PARITY_ARGS, longtune, metrics, process_alive, subprocess_env
 from longtune.train.checkpoint import MANIFEST_FILE, verify_checkpoint
 from longtune.train.launch import descendants
 
@@ -36,14 +36,6 @@ LONG_SP2 = ["tiny-smoke", "parallel.sp.ulysses=2", "train.max_steps=200", "train
             "train.export=false"]
 SHORT = [*PARITY_ARGS[:1], "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=5",
          "train.progress=false", "train.export=false"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def _start(args: list[str], log: Path, command: str = "train") -> subprocess.Popen:
@@ -68,11 +60,11 @@ def _stop_time(proc: subprocess.Popen, pids: list[int], limit: float = STOP_S) -
     """Seconds until `proc` and every pid in `pids` have exited (fails after `limit`)."""
     started = time.monotonic()
     while time.monotonic() - started < limit:
-        if proc.poll() is not None and not any(_alive(p) for p in pids):
+        if proc.poll() is not None and not any(process_alive(p) for p in pids):
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"still alive {limit} s after the signal: "
-                         f"{[p for p in [proc.pid, *pids] if _alive(p)]}")
+                         f"{[p for p in [proc.pid, *pids] if process_alive(p)]}")
 
 
 def _kill_all(proc: subprocess.Popen, pids: list[int]) -> None:
@@ -110,7 +102,7 @@ def test_signal_to_the_train_process_stops_every_process(sig, tmp_path):
         proc.send_signal(sig)  # the top process alone
         took = _stop_time(proc, pids)
     finally:
-        if proc.poll() is None or any(_alive(p) for p in pids):
+        if proc.poll() is None or any(process_alive(p) for p in pids):
             _kill_all(proc, pids)
     text = log.read_text()
     assert proc.returncode == 128 + sig, text[-4000:]
@@ -258,7 +250,7 @@ def test_sigkill_of_a_rank_stops_every_process_and_resume_is_exact(tmp_path):
         os.kill(workers[-1], signal.SIGKILL)
         took = _stop_time(proc, pids)
     finally:
-        if proc.poll() is None or any(_alive(p) for p in pids):
+        if proc.poll() is None or any(process_alive(p) for p in pids):
             _kill_all(proc, pids)
     assert proc.returncode == 1, log.read_text()[-4000:]
     print(f"\nrank SIGKILL: exit {proc.returncode}, every process gone {took:.1f} s after the kill")
@@ -286,7 +278,7 @@ def test_sigkill_of_the_train_process_or_torchrun_stops_every_process(tmp_path, 
         os.kill(proc.pid if victim == "longtune-train" else torchrun[0], signal.SIGKILL)
         took = _stop_time(proc, pids)
     finally:
-        if proc.poll() is None or any(_alive(p) for p in pids):
+        if proc.poll() is None or any(process_alive(p) for p in pids):
             _kill_all(proc, pids)
     assert proc.returncode == (-signal.SIGKILL if victim == "longtune-train" else 128 + signal.SIGKILL)
     if victim == "torchrun":
@@ -309,7 +301,7 @@ def test_sigterm_with_a_hung_rank_stops_every_process(tmp_path):
         proc.send_signal(signal.SIGTERM)
         took = _stop_time(proc, pids, limit=STOP_S + 50)
     finally:
-        if proc.poll() is None or any(_alive(p) for p in pids):
+        if proc.poll() is None or any(process_alive(p) for p in pids):
             _kill_all(proc, pids)
     assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-4000:]
     print(f"\nhung rank + SIGTERM: exit {proc.returncode}, every process gone {took:.1f} s after the signal")
@@ -329,7 +321,7 @@ def test_sigterm_to_the_demo_stops_its_training_processes(tmp_path):
         proc.send_signal(signal.SIGTERM)
         took = _stop_time(proc, pids)
     finally:
-        if proc.poll() is None or any(_alive(p) for p in pids):
+        if proc.poll() is None or any(process_alive(p) for p in pids):
             _kill_all(proc, pids)
     text = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, text[-4000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, metrics, subprocess_env
+from conftest import BIN, metrics, process_alive, subprocess_env
 
 from longtune.train.launch import descendants
 
@@ -25,14 +25,6 @@ HANG_S = 10
 START_S = 240
 """How long a 2-process run may take to write its first metrics line on 2 busy cores."""
 RUN_S = 300
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def _is_worker(pid: int) -> bool:
@@ -77,10 +69,10 @@ def test_a_stopped_rank_ends_the_whole_run(tmp_path):
         os.kill(workers[1], signal.SIGSTOP)
         stopped = time.monotonic()
         limit = HANG_S + 10
-        while proc.poll() is None or any(_alive(p) for p in pids):
+        while proc.poll() is None or any(process_alive(p) for p in pids):
             if time.monotonic() - stopped > limit:
                 raise AssertionError(f"still alive {limit} s after SIGSTOP: "
-                                     f"{[p for p in [proc.pid, *pids] if _alive(p)]}\n{log.read_text()[-4000:]}")
+                                     f"{[p for p in [proc.pid, *pids] if process_alive(p)]}\n{log.read_text()[-4000:]}")
             time.sleep(0.1)
         took = time.monotonic() - stopped
         print(f"\nSIGSTOP to every process gone: {took:.1f} s (hang_timeout_s {HANG_S}), exit {proc.returncode}")

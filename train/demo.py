@@ -86,13 +86,20 @@ def eval_lengths(original: int, target: int) -> list[int]:
 
 
 def perplexity_text_count(model_dir: Path, target: int, most: int = 4) -> int:
-    """How many texts of `target` tokens the held-out documents give (at most `most`, with a fifth to spare:
-    eval deals the documents out to the texts one by one)."""
+    """How many texts of `target` tokens the held-out documents give, at most `most` (eval deals the
+    documents out to the texts one by one, so each text must reach the length on its own)."""
     from .evaluate.common import load_tokenizer, long_text_documents
+    from .evaluate.perplexity import perplexity_texts
 
-    tokenizer = load_tokenizer(model_dir)
-    total = sum(len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1 for doc in long_text_documents())
-    return max(1, min(most, int(total / (1.2 * target))))
+    tokenizer, documents = load_tokenizer(model_dir), long_text_documents()
+    for count in range(most, 0, -1):
+        try:
+            perplexity_texts(tokenizer, documents, count, target)
+            return count
+        except EvalError:
+            continue
+    raise DemoError(f"the held-out documents hold fewer than {target} tokens: perplexity at --target-length "
+                    f"{target} cannot be measured")
 
 
 def _stage(title: str) -> None:
@@ -134,6 +141,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     if heads % args.nproc:
         raise DemoError(f"--nproc {args.nproc}: Ulysses sequence parallelism splits the base model's {heads} "
                         f"attention heads over the processes; use a divisor of {heads}")
+    ppl_texts = perplexity_text_count(base_dir, args.target_length)  # before any work: enough held-out text?
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -161,14 +169,13 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     lengths = eval_lengths(original, args.target_length)
     depths = sorted({float(d) for d in args.depths.split(",")})
-    ppl_texts = perplexity_text_count(base_dir, args.target_length)
     results = {}
     for name, model_dir in models.items():
         _stage(f"evaluate {name}: passkey {lengths} × {len(depths)} depths × {args.trials} keys, perplexity")
         t = time.perf_counter()
         res = evaluate(model_dir, lengths, depths, ["passkey", "ppl"], ["single_window"], args.trials,
-                       ppl_texts=ppl_texts, stride=256, texts=None, seed=0, device="auto", dtype="float32", progress=True,
-                       passkey_keys=PASSKEY_KEYS)
+                       ppl_texts=ppl_texts, stride=256, texts=None, seed=0, device="auto", dtype="float32",
+                       progress=True, passkey_keys=PASSKEY_KEYS)
         eval_dir = out / "eval" / name
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_report(res, eval_dir)
