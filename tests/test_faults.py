@@ -84,7 +84,8 @@ def _error_lines(text: str) -> list[str]:
 # --- 1. a signal to `longtune train` (2 processes under torchrun) stops every process -----------------------
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])  # slow: CI time; both go through one forwarding path
 def test_signal_to_the_train_process_stops_every_process(sig, tmp_path):
     out, log = tmp_path / "run", tmp_path / "train.log"
     proc = _start([*LONG_SP2, f"train.output_dir={out}"], log)

@@ -88,6 +88,7 @@ def test_a_stopped_rank_ends_the_whole_run(tmp_path):
         _kill_all(proc, pids)
 
 
+@pytest.mark.slow  # CI time
 def test_a_step_longer_than_the_hang_timeout_is_no_false_alarm(tmp_path):
     """Each step (4 rows × 2048 tokens per rank) takes longer than hang_timeout_s: the heartbeat thread beats
     through it and the run ends normally."""
