@@ -26,11 +26,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from .tiling import LossFn, TiledLMHead, lm_head_computes_loss
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+"""torch.distributed.pipelining's schedules by recipe name (`_schedule_class`; imported when a pipeline is built:
+the module takes seconds to import, and every launch reads this file for `pipeline_problem`)."""
+
+
+def _schedule_class(name: str):
+    from torch.distributed import pipelining
+
+    return {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+            "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[name]
 """`parallel.pp_schedule` → torch schedule class (interleaved: several stages per rank)."""
 
 
@@ -230,6 +238,8 @@ class PipelineRunner:
 
     def _build(self, rows: int, length: int) -> None:
         """Stages with static shapes (no metadata round trip), then the schedule."""
+        from torch.distributed import pipelining
+
         stages = []
         for part, stage in zip(self.parts, self.stages, strict=True):
             # requires_grad: the metadata says which activations carry gradients back to the previous stage.
@@ -241,10 +251,10 @@ class PipelineRunner:
                                      requires_grad=True)
             else:
                 output = hidden
-            stages.append(PipelineStage(part, stage.stage_index, stage.num_stages, self.device,
+            stages.append(pipelining.PipelineStage(part, stage.stage_index, stage.num_stages, self.device,
                                         input_args=() if stage.is_first else hidden, output_args=output,
                                         group=self.group))
-        cls = SCHEDULES[self.schedule_name]
+        cls = _schedule_class(self.schedule_name)
         first = stages if self.schedule_name == "interleaved_1f1b" else stages[0]
         self._schedule = cls(first, n_microbatches=self.micro_batches, loss_fn=self._loss, scale_grads=False)
         self._shape = (rows, length)
