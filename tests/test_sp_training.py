@@ -37,6 +37,7 @@ def test_sp_training_curve_equals_single_process(layout, fp32_reference, tmp_pat
     assert [m["tokens"] for m in metrics(tmp_path)] == [m["tokens"] for m in metrics(fp32_reference)]
 
 
+@pytest.mark.slow  # CI time: the fp32 curves above are the exactness check
 def test_bf16_error_under_sp_is_within_the_single_process_bf16_error(fp32_reference, tmp_path):
     longtune("train", *ARGS, "model.dtype=bfloat16", f"train.output_dir={tmp_path / 'one'}")
     longtune("train", *ARGS, "model.dtype=bfloat16", "parallel.sp.ring=2", f"train.output_dir={tmp_path / 'sp'}")
