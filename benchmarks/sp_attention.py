@@ -1,4 +1,4 @@
-"""Sequence-parallel benchmark (issue 3): per-rank peak memory and tokens/s of one model step.
+"""Sequence-parallel benchmark: per-rank peak memory and tokens/s of one model step.
 
     /work/venv/bin/python benchmarks/sp_attention.py [--seq-len 8192] [--out docs/benchmarks/sp_attention.md]
 
@@ -475,7 +475,7 @@ def build_report(res: dict, args, elapsed: float, command: str) -> str:
     import torch
     import transformers
     header = [
-        "# Sequence-parallel benchmark (issue 3)",
+        "# Sequence-parallel benchmark",
         "",
         f"Command: `{command}` (finished in {elapsed:.0f} s)",
         "",
