@@ -10,7 +10,7 @@ RUNS ?= runs/demo
 export WANDB_MODE ?= disabled
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install demo base-model test test-all clean
+.PHONY: install demo base-model test test-all docs clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -m ''
+
+# docs/recipes.md from the recipe schema's field descriptions (tests/test_recipe_docs.py checks it is current).
+docs: install
+	$(BIN)/python -m longtune.train.recipe_docs > docs/recipes.md.tmp
+	mv docs/recipes.md.tmp docs/recipes.md
 
 clean:
 	rm -rf $(VENV) runs

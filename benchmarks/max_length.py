@@ -166,8 +166,8 @@ def predicted_peak(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: 
     if name.startswith("(a)"):
         return None
     from longtune.parallel.memory_model import memory_breakdown
-    from longtune.train.plan import layout_from_recipe, shape_for_recipe
     from longtune.train.recipe import load_recipe
+    from longtune.train.recipe_layout import layout_from_recipe, shape_for_recipe
 
     config = json.dumps(model_config(hidden)).replace('"', "")
     recipe = load_recipe("tiny-smoke", [*LONGTUNE_BASE, *overrides, f"model.config_overrides={config}",

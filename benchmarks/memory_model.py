@@ -85,7 +85,7 @@ def probe(overrides: list[str], out: Path) -> None:
                                                             "hwm": _status_kib("VmHWM") * 1024}))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
-        os._exit(0)  # gloo may abort at interpreter exit (see train/cli.py)
+        os._exit(0)  # gloo may abort at interpreter exit (see longtune.train.launch.leave)
 
 
 def _launch(nproc: int, argv: list[str]) -> list[str]:
@@ -131,10 +131,10 @@ def corpus_document_fill(recipe) -> float:
     from longtune.parallel.time_model import document_fill
     from longtune.train.data import load_corpus
     from longtune.train.model import resolve_model_source
-    from longtune.train.tokenizer import load_tokenizer
+    from longtune.train.tokenizer import load_run_tokenizer
 
     source = resolve_model_source(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe.model.tokenizer, source.model_dir, recipe.model.trust_remote_code)
+    tokenizer = load_run_tokenizer(recipe.model.tokenizer, source.model_dir, recipe.model.trust_remote_code)
     corpus = load_corpus(recipe.data.path, tokenizer, recipe.train.seq_len)
     return document_fill(corpus["doc_lens"], recipe.train.seq_len)
 
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from longtune.parallel.memory_model import GIB, memory_breakdown
     from longtune.parallel.time_model import Calibration, step_time
-    from longtune.train.plan import layout_from_recipe, shape_for_recipe
     from longtune.train.recipe import load_recipe
+    from longtune.train.recipe_layout import layout_from_recipe, shape_for_recipe
 
     wanted = [n for n in args.only.split(",") if n]
     rows = [r for r in ROWS if not wanted or r[0] in wanted]

@@ -417,10 +417,6 @@ def launch(role: str, world: int, args, tmp: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def fmt(x: float, digits: int = 2) -> str:
-    return "—" if x != x else f"{x:.{digits}f}"
-
-
 def build_report(res: dict, args, elapsed: float, command: str) -> str:
     L = args.seq_len
     single = res["single"]["model"]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from .atomic_write import atomic_write
 
 CACHE_ENV = "LONGTUNE_CACHE_DIR"
 
@@ -49,21 +50,9 @@ def cached_text(name: str, key: str, build: Callable[[], str]) -> str:
             pass
     text = build()
     if path is not None:
-        _write_atomically(path, text)
+        with contextlib.suppress(OSError):  # best effort: an entry that cannot be written is derived again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as handle:
+                handle.write(text)
     return text
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from .user_error import UserError
 
-class PrepError(ValueError):
+
+class PrepError(UserError, ValueError):
     """Bad config or bad input; the CLI prints it as one `longtune: error:` line (exit code 2)."""
-
-    user_facing = True

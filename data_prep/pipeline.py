@@ -24,7 +24,7 @@ from .packing import PACKING_STRATEGIES
 from .sources import BadDocument, BadInput, haystack_texts, read_source
 from .store import TokenStore
 from .synthetic import haystack_pool, synthetic_samples
-from .tokenization import TokenizerSpec, encode_events, load_tokenizer
+from .tokenization import TokenizerSpec, encode_events, load_tokenizer_spec
 from .writer import PackedCorpusWriter
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def _write_rows(config: PrepConfig, spec: TokenizerSpec, store: TokenStore, orde
 def prepare_corpus(config: PrepConfig) -> PrepResult:
     """Build the packed corpus described by `config`; returns the published dir and its metadata."""
     t0 = time.time()
-    spec = load_tokenizer(config.tokenizer, config.bos_token, config.eos_token, config.pad_token)
+    spec = load_tokenizer_spec(config.tokenizer, config.bos_token, config.eos_token, config.pad_token)
     output = Path(config.output)
     writer = PackedCorpusWriter(output, config.seq_len, config.wants_loss_mask(), config.overwrite)
     progress = _Progress(config.progress)

@@ -87,8 +87,8 @@ def resolve_tokenizer_path(path: str) -> Path:
     return given
 
 
-def load_tokenizer(path: str, bos_token: str | None = None, eos_token: str | None = None,
-                   pad_token: str | None = None) -> TokenizerSpec:
+def load_tokenizer_spec(path: str, bos_token: str | None = None, eos_token: str | None = None,
+                        pad_token: str | None = None) -> TokenizerSpec:
     """A model/tokenizer dir (with tokenizer.json), a tokenizer.json file, or a shipped model's name."""
     p = resolve_tokenizer_path(path)
     file = p / "tokenizer.json" if p.is_dir() else p

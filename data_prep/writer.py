@@ -21,16 +21,23 @@ METADATA_FILE = "longtune_corpus.json"
 SHARD_TOKENS = 1 << 28  # ~1 GiB of int32 ids per Arrow file
 BATCH_TOKENS = 1 << 20  # rows buffered before an Arrow record batch is written: ~4 MiB of ids (+ its Arrow copy)
 
+TOKENS_COLUMN = "input_ids"
+"""A packed row's token ids (int32)."""
+DOC_LENS_COLUMN = "doc_lens"
+"""The lengths of the documents a row holds, in order (they sum to the row's length)."""
+LOSS_MASK_COLUMN = "loss_mask"
+"""Optional: per token, 1 where its label counts in the loss and 0 where it does not."""
+
 
 def corpus_features(with_mask: bool) -> datasets.Features:
     cols = {
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "doc_lens": datasets.Sequence(datasets.Value("int32")),
+        TOKENS_COLUMN: datasets.Sequence(datasets.Value("int32")),
+        DOC_LENS_COLUMN: datasets.Sequence(datasets.Value("int32")),
         "source": datasets.Sequence(datasets.Value("string")),
         "doc_index": datasets.Sequence(datasets.Value("int64")),
     }
     if with_mask:
-        cols["loss_mask"] = datasets.Sequence(datasets.Value("int8"))
+        cols[LOSS_MASK_COLUMN] = datasets.Sequence(datasets.Value("int8"))
     return datasets.Features(cols)
 
 
@@ -78,22 +85,22 @@ class PackedCorpusWriter:
         h.update("\0".join(source).encode())
         h.update(np.asarray(doc_index, np.int64).tobytes())
         b = self._batch
-        b["input_ids"].append(ids)
-        b["doc_lens"].append(lens)
+        b[TOKENS_COLUMN].append(ids)
+        b[DOC_LENS_COLUMN].append(lens)
         b["source"].append(source)
         b["doc_index"].append(list(doc_index))
         if self.with_mask:
             mask = np.ascontiguousarray(loss_mask, dtype=np.int8)
             h.update(mask)
-            b["loss_mask"].append(mask)
+            b[LOSS_MASK_COLUMN].append(mask)
         self.rows += 1
         self.tokens += len(ids)
         self._file_tokens += len(ids)
-        if len(b["input_ids"]) >= self.batch_rows:
+        if len(b[TOKENS_COLUMN]) >= self.batch_rows:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._batch["input_ids"]:
+        if not self._batch[TOKENS_COLUMN]:
             return
         if self._writer is None:
             from datasets.arrow_writer import ArrowWriter

@@ -1,28 +1,32 @@
 """The training backend contract and its registry.
 
-A backend owns the wrapped model, the optimizer and the LR schedule: it runs the forward pass,
-accumulates gradients over micro-batches, steps, checkpoints and hands out a full state dict for
-export. `native` is DDP / FSDP2 with torch AdamW; `deepspeed` is a ZeRO engine. The training loop
-(longtune.train) sees only this interface.
+A backend owns the wrapped model, the optimizer and the LR schedule: it runs a step's micro-batches
+(forward and backward, through the pipeline schedule where there is one), steps, checkpoints and hands
+out a full state dict for export. `native` is DDP / FSDP2 with torch AdamW; `deepspeed` is a ZeRO
+engine. The training loop (longtune.train) sees only this interface.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .dims import ParallelDims
-from .recompute import RecomputeSettings
+from .dims import ParallelDims, all_reduce_sum
+from .layout import Layout
+from .micro_batch import MicroBatchInputs, forward_backward
+from .tiling import LossFn
 
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """What a backend needs to know, taken from the recipe by the caller."""
+    """The optimizer and its LR schedule; every parallel and memory decision is in the `Layout`."""
 
     lr: float
     betas: tuple[float, float]
@@ -30,31 +34,27 @@ class BackendSettings:
     weight_decay: float
     grad_clip: float
     lr_multiplier: Callable[[int], float]
-    grad_accum: int
-    micro_batch_size: int
-    bf16: bool = False
-    fsdp: bool = False
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    optimizer_swap: bool = False  # native: AdamW's state out of the device between steps (offload.py)
-    optimizer_swap_dir: str | None = None  # its tier: None host memory, else files under this directory
-    gradient_offload: bool = False  # native, one process: each gradient out of the device once accumulated
-    gradient_offload_dir: str | None = None  # its tier, as optimizer_swap_dir
-    deepspeed_config: str | None = None
-    recompute: RecomputeSettings = RecomputeSettings()
-    tp_sequence_parallel: bool = True
-    pp_schedule: str = "1f1b"
-    pp_stages_per_rank: int = 1
+    deepspeed_config: str | None = None  # the deepspeed backend: a user JSON added to the generated config
 
 
 ModelFactory = Callable[[torch.device | str], nn.Module]
 """Builds the model on a device (`"meta"`: structure only); called by the backend."""
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """One step's sums over the world, each row counted once."""
+
+    loss_sum: float  # token losses
+    counted_tokens: float  # tokens with a label (the loss is their mean)
+    real_tokens: float  # tokens that are not padding
+
+
 class TrainingBackend(ABC):
-    def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device) -> None:
+    def __init__(self, settings: BackendSettings, layout: Layout, dims: ParallelDims,
+                 device: torch.device) -> None:
         self.settings = settings
+        self.layout = layout
         self.dims = dims
         self.device = device
 
@@ -72,11 +72,27 @@ class TrainingBackend(ABC):
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate gradients; they are synchronized over dp on the last micro-batch of a step."""
 
-    def pipeline_step(self, micro_batches: list, loss_fn: Callable, loss_scale: float) -> float:
-        """Pipeline parallelism: forward and backward of all the step's micro-batches (`StageInputs`) through
-        the schedule, each micro-batch's gradient that of `loss_fn(logits, labels) × loss_scale`; returns
-        this rank's sum of token losses (0 on ranks without the last stage)."""
-        raise NotImplementedError(f"the {type(self).__name__} has no pipeline parallelism")
+    def run_micro_batches(self, micro: list[MicroBatchInputs], loss_fn: LossFn) -> StepTotals:
+        """Forward and backward of the step's micro-batches, each one's gradient that of its share of the
+        global token-mean loss; returns the step's totals. Collective over the world."""
+        dims = self.dims
+        counted, = all_reduce_sum([sum(mb.counted_tokens for mb in micro)], self.device)
+        # Every tp rank and pipeline stage of a replica holds the same rows: the world sum counts them
+        # tp × pp times.
+        counted /= dims.tp * dims.pp
+        local_loss = self._forward_backward(micro, loss_fn, self.loss_multiplier / max(counted, 1.0))
+        # Under pipeline parallelism the last stage computes the loss: its ranks report loss and tokens.
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        last_stage = dims.coordinate(rank, "pp") == dims.pp - 1
+        reported = [local_loss, float(sum(mb.real_tokens for mb in micro))] if last_stage else [0.0, 0.0]
+        loss_sum, real = (v / dims.tp for v in all_reduce_sum(reported, self.device))
+        return StepTotals(loss_sum, counted, real)
+
+    def _forward_backward(self, micro: list[MicroBatchInputs], loss_fn: LossFn, scale: float) -> float:
+        """This rank's sum of token losses over the step's micro-batches (pipeline backends override it)."""
+        return forward_backward(micro, self.forward, self.backward, loss_fn, scale,
+                                tiled_loss=self.layout.tiled_loss_chunk > 0,
+                                offload_activations=self.layout.offload_activations)
 
     @abstractmethod
     def step(self) -> float:
@@ -101,23 +117,17 @@ class TrainingBackend(ABC):
     def train_mode(self) -> None: ...
 
 
-_BACKENDS: dict[str, Callable[..., TrainingBackend]] = {}
+BACKENDS: dict[str, str] = {
+    "native": "longtune.parallel.native_backend:NativeBackend",
+    "deepspeed": "longtune.parallel.deepspeed_backend:DeepSpeedBackend",
+}
+"""`parallel.backend` → the class implementing it, imported when chosen (deepspeed is a heavy import); the
+implementations import this module, never the other way round."""
 
 
-def register_backend(name: str) -> Callable[[type[TrainingBackend]], type[TrainingBackend]]:
-    def register(cls: type[TrainingBackend]) -> type[TrainingBackend]:
-        _BACKENDS[name] = cls
-        return cls
-    return register
-
-
-def create_backend(name: str, settings: BackendSettings, dims: ParallelDims, device: torch.device,
-                   build_model: ModelFactory) -> TrainingBackend:
-    # Importing registers the implementations; deepspeed is imported only when asked for.
-    if name == "deepspeed":
-        from . import deepspeed_backend  # noqa: F401
-    from . import native_backend  # noqa: F401
-
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[name](settings, dims, device, build_model)
+def create_backend(name: str, settings: BackendSettings, layout: Layout, dims: ParallelDims,
+                   device: torch.device, build_model: ModelFactory) -> TrainingBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(sorted(BACKENDS))}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(settings, layout, dims, device, build_model)

@@ -12,37 +12,39 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
+from longtune.data_prep.user_error import UserError
+
+from .backend import BackendSettings, ModelFactory, TrainingBackend
 from .dims import ParallelDims
+from .layout import Layout
 from .safe_load import deepspeed_safe_globals, weights_only_loads
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """A user DeepSpeed JSON that contradicts the recipe."""
 
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
-
-def generate_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config that the recipe implies."""
-    zero: dict[str, Any] = {"stage": settings.zero_stage}
-    if settings.offload_optimizer:
+def generate_deepspeed_config(settings: BackendSettings, layout: Layout, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config that the recipe implies. DeepSpeed treats every rank as data-parallel (the
+    sequence-parallel ones reduce gradients like dp), so its batch bookkeeping counts dp × sp ranks."""
+    zero: dict[str, Any] = {"stage": layout.zero_stage}
+    if layout.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if settings.offload_params:
+    if layout.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     optimizer_params: dict[str, Any] = {
         "lr": settings.lr, "betas": list(settings.betas), "eps": settings.eps,
         "weight_decay": settings.weight_decay,
     }
-    if not on_gpu and not settings.offload_optimizer:
+    if not on_gpu and not layout.offload_optimizer:
         # On CPU, torch's AdamW (no JIT build); offload uses DeepSpeedCPUAdam regardless.
         optimizer_params["torch_adam"] = True
     return {
-        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
-        "gradient_accumulation_steps": settings.grad_accum,
-        "train_batch_size": settings.micro_batch_size * settings.grad_accum * dp,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.micro_batch * layout.grad_accum * layout.shard_group,
         "gradient_clipping": settings.grad_clip,
-        "bf16": {"enabled": settings.bf16},
+        "bf16": {"enabled": layout.bf16},
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "steps_per_print": 2**31 - 1,
@@ -70,8 +72,8 @@ def merge_user_config(generated: dict[str, Any], user: dict[str, Any], where: st
     return merged
 
 
-def load_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> dict[str, Any]:
-    config = generate_deepspeed_config(settings, dp, on_gpu)
+def load_deepspeed_config(settings: BackendSettings, layout: Layout, on_gpu: bool) -> dict[str, Any]:
+    config = generate_deepspeed_config(settings, layout, on_gpu)
     if settings.deepspeed_config:
         try:
             user = json.loads(Path(settings.deepspeed_config).read_text())
@@ -81,20 +83,17 @@ def load_deepspeed_config(settings: BackendSettings, dp: int, on_gpu: bool) -> d
     return config
 
 
-@register_backend("deepspeed")
 class DeepSpeedBackend(TrainingBackend):
-    def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device,
+    def __init__(self, settings: BackendSettings, layout: Layout, dims: ParallelDims, device: torch.device,
                  build_model: ModelFactory) -> None:
-        super().__init__(settings, dims, device)
+        super().__init__(settings, layout, dims, device)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
         import deepspeed
 
         from .parallelize import parallelize
 
-        # DeepSpeed treats every rank as data-parallel (sequence-parallel ranks reduce gradients like dp),
-        # so its batch bookkeeping counts dp × sp ranks.
-        self.config = load_deepspeed_config(settings, dims.dp * dims.sp, device.type == "cuda")
-        model, = parallelize(build_model(device), dims, data_parallel="none", recompute=settings.recompute)
+        self.config = load_deepspeed_config(settings, layout, device.type == "cuda")
+        model, = parallelize(build_model(device), dims, layout, data_parallel="none", device=device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.config,
@@ -106,7 +105,7 @@ class DeepSpeedBackend(TrainingBackend):
     def loss_multiplier(self) -> float:
         # DeepSpeed divides the loss by the accumulation steps and averages gradients over all of its
         # ranks, which include the sequence-parallel ones.
-        return float(self.dims.dp * self.dims.sp * self.settings.grad_accum)
+        return float(self.dims.dp * self.dims.sp * self.layout.grad_accum)
 
     def train_mode(self) -> None:
         self.engine.train()
@@ -147,7 +146,7 @@ class DeepSpeedBackend(TrainingBackend):
         import deepspeed
 
         module = self.engine.module
-        params = list(module.parameters()) if self.settings.zero_stage == 3 else []
+        params = list(module.parameters()) if self.layout.zero_stage == 3 else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             rank0 = not dist.is_initialized() or dist.get_rank() == 0
             sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank0 else None

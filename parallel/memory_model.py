@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from .layout import Layout
 
 GIB = 2**30
-
-Attention = Literal["flash", "sdpa_masked"]
-"""flash: an O(L) kernel that keeps GQA's KV heads (flash-attn, torch flash/efficient sdpa without a mask,
-longtune's ring/Ulysses kernels). sdpa_masked: transformers' sdpa with a packed-document mask (one process,
-`data.document_masking` with several documents per row): KV heads repeated to the query heads and a float
-copy of the L × L mask saved by every layer."""
-
-Sharding = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -80,74 +73,6 @@ class ModelShape:
     @property
     def params(self) -> int:
         return self.layers * self.layer_params + self.embedding_params + self.head_params
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One parallel and memory layout: the degrees and the recipe's memory switches."""
-
-    dp: int = 1
-    sp_ulysses: int = 1
-    sp_ring: int = 1
-    tp: int = 1
-    pp: int = 1
-    sharding: Sharding = "ddp"  # ddp (plain replicas), fsdp (FSDP2 ≈ ZeRO-3), zero1/2/3 (DeepSpeed)
-    recompute: Literal["none", "full", "selective"] = "none"
-    recompute_every: int = 2  # selective: every k-th layer
-    recompute_modules: tuple[str, ...] = ()  # selective: e.g. ("mlp",) instead of whole layers
-    offload_checkpoints: bool = False
-    offload_activations: bool = False
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    optimizer_swap: bool = False  # AdamW's state out of the device between steps, back for the step
-    offload_gradients: bool = False  # each gradient out of the device once accumulated, back for the step
-    offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints, gradients and state go
-    tiled_loss_chunk: int = 0  # 0: off
-    tiled_mlp_chunk: int = 0  # 0: off
-    micro_batch: int = 1
-    grad_accum: int = 1
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    attention: Attention = "flash"
-
-    @property
-    def sp(self) -> int:
-        return self.sp_ulysses * self.sp_ring
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.sp * self.tp * self.pp
-
-    @property
-    def shard_group(self) -> int:
-        """Ranks over which ZeRO / FSDP shard states: dp × sp (sequence-parallel ranks are replicas)."""
-        return self.dp * self.sp
-
-    def describe(self) -> str:
-        parts = [f"dp{self.dp}"]
-        if self.sp_ring > 1:
-            parts.append(f"ring{self.sp_ring}")
-        if self.sp_ulysses > 1:
-            parts.append(f"ulysses{self.sp_ulysses}")
-        if self.tp > 1:
-            parts.append(f"tp{self.tp}")
-        if self.pp > 1:
-            parts.append(f"pp{self.pp}")
-        parts.append(self.sharding)
-        if self.recompute != "none":
-            parts.append("rc-" + (self.recompute if self.recompute == "full" else
-                                  "+".join(self.recompute_modules) or f"every{self.recompute_every}"))
-        offloads = [n for n, on in (("ckpt", self.offload_checkpoints), ("act", self.offload_activations),
-                                    ("opt", self.offload_optimizer), ("param", self.offload_params),
-                                    ("swapopt", self.optimizer_swap), ("grad", self.offload_gradients)) if on]
-        if offloads:
-            parts.append("off-" + "+".join(offloads) + ("-disk" if self.offload_tier == "disk" else ""))
-        if self.tiled_mlp_chunk:
-            parts.append(f"tmlp{self.tiled_mlp_chunk}")
-        if self.tiled_loss_chunk:
-            parts.append(f"tloss{self.tiled_loss_chunk}")
-        if self.micro_batch > 1:
-            parts.append(f"mb{self.micro_batch}")
-        return " ".join(parts)
 
 
 @dataclass

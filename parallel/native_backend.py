@@ -20,11 +20,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .backend import BackendSettings, ModelFactory, TrainingBackend, register_backend
+from .backend import BackendSettings, ModelFactory, TrainingBackend
 from .dims import ParallelDims, build_mesh
+from .layout import Layout
+from .micro_batch import MicroBatchInputs
 from .offload import GradientOffload, OptimizerStateSwap, make_tier
 from .parallelize import materialize_sharded, parallelize
-from .pipeline import PipelineRunner, StageInputs, gather_stage_state_dicts
+from .pipeline import PipelineRunner, gather_stage_state_dicts
+from .recompute import activation_offload
 from .safe_load import safe_dcp_load
 from .tiling import LossFn
 
@@ -67,34 +70,30 @@ def _single_process_dcp():
         yield
 
 
-@register_backend("native")
 class NativeBackend(TrainingBackend):
-    def __init__(self, settings: BackendSettings, dims: ParallelDims, device: torch.device,
+    def __init__(self, settings: BackendSettings, layout: Layout, dims: ParallelDims, device: torch.device,
                  build_model: ModelFactory) -> None:
-        super().__init__(settings, dims, device)
-        if settings.gradient_offload and dims.is_distributed:
+        super().__init__(settings, layout, dims, device)
+        if layout.offload_gradients and dims.is_distributed:
             raise ValueError("memory.offload.gradients is for one process, which owns its whole gradients (DDP "
                              "keeps them in its all-reduce buckets, FSDP2 reduce-scatters them); this run has "
                              f"{dims.world_size} processes")
-        shard = settings.fsdp
-        offload = shard and (settings.offload_params or settings.offload_optimizer)
-        common = dict(bf16=settings.bf16, offload=offload, device=device, recompute=settings.recompute,
-                      tp_sequence_parallel=settings.tp_sequence_parallel,
-                      pp_stages_per_rank=settings.pp_stages_per_rank)
+        shard = layout.sharding == "fsdp"
+        offload = shard and (layout.offload_params or layout.offload_optimizer)
         if shard and dims.pp == 1:
             # Build on meta, shard, then fill from rank 0's copy: only rank 0 ever holds it all.
             model = build_model("meta")
             full = build_model("cpu") if dist.get_rank() == 0 else None
-            self.parts = parallelize(model, dims, data_parallel="fsdp", **common)
+            self.parts = parallelize(model, dims, layout, data_parallel="fsdp", device=device)
             materialize_sharded(self.parts[0], full, device, offload=offload)
             del full
         else:
             # Pipeline stages hold different keys, which rank 0's broadcast cannot fill: every rank builds
             # the full model and keeps its stages (FSDP2 then shards them in place).
             model = build_model(torch.device("cpu") if offload else device)
-            self.parts = parallelize(model, dims, data_parallel="fsdp" if shard else "ddp", **common)
+            self.parts = parallelize(model, dims, layout, data_parallel="fsdp" if shard else "ddp", device=device)
             del model
-        self._autocast = settings.bf16 and not shard  # FSDP2 casts through its MixedPrecisionPolicy
+        self._autocast = layout.bf16 and not shard  # FSDP2 casts through its MixedPrecisionPolicy
         self._fsdp = isinstance(self.parts[0], FSDPModule)  # FSDP2, or its replicate mode under TP
         # One optimizer and LR schedule per part (torchtitan's model parts): the state-dict helpers take
         # one module and its optimizer at a time.
@@ -105,15 +104,15 @@ class NativeBackend(TrainingBackend):
                            for opt in self.optimizers]
         # Optimizer state swapping (offload.py): AdamW's moments live in the tier between steps.
         self._swaps = []
-        if settings.optimizer_swap:
+        if layout.optimizer_swap:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            tier = make_tier(settings.optimizer_swap_dir, prefix=f"optimizer-rank{rank}-")
+            tier = make_tier(layout.disk_dir, prefix=f"optimizer-rank{rank}-")
             self._swaps = [OptimizerStateSwap(opt, tier) for opt in self.optimizers]
         # Gradient offload (offload.py): each gradient in the tier from its accumulation to the step.
         self._grad_offload = None
-        if settings.gradient_offload:
+        if layout.offload_gradients:
             self._grad_offload = GradientOffload(list(self.parts[0].parameters()),
-                                                 make_tier(settings.gradient_offload_dir, prefix="gradients-"))
+                                                 make_tier(layout.disk_dir, prefix="gradients-"))
         self._pipeline_group = None
         self.pipeline: PipelineRunner | None = None
         if dims.pp > 1:
@@ -122,15 +121,16 @@ class NativeBackend(TrainingBackend):
             self._pp_rank = mesh.get_local_rank("pp")
             # The export gathers over the pipeline group of rank 0: the ranks whose other coordinates are 0.
             self._stage_leader = all(mesh.get_local_rank(name) == 0 for name in mesh.mesh_dim_names if name != "pp")
-            self.pipeline = PipelineRunner(self.parts, schedule=settings.pp_schedule,
-                                           micro_batches=settings.grad_accum, group=self._pipeline_group,
+            self.pipeline = PipelineRunner(self.parts, schedule=layout.pp_schedule,
+                                           micro_batches=layout.grad_accum, group=self._pipeline_group,
                                            device=device)
 
     @property
     def model(self) -> torch.nn.Module:
         """The whole model (without pipeline parallelism, the only part)."""
         if self.pipeline is not None:
-            raise RuntimeError("under pipeline parallelism the model is split into stages: use pipeline_step")
+            raise RuntimeError("under pipeline parallelism the model is split into stages: run_micro_batches "
+                               "runs them")
         return self.parts[0]
 
     @property
@@ -152,11 +152,12 @@ class NativeBackend(TrainingBackend):
         with self._autocast_context():
             return self.model(**inputs, use_cache=False).logits
 
-    def pipeline_step(self, micro_batches: list[StageInputs], loss_fn: LossFn, loss_scale: float) -> float:
+    def _forward_backward(self, micro: list[MicroBatchInputs], loss_fn: LossFn, scale: float) -> float:
         if self.pipeline is None:
-            raise RuntimeError("pipeline_step needs parallel.pp > 1")
-        with self._autocast_context():
-            return self.pipeline.step(micro_batches, loss_fn, loss_scale)
+            return super()._forward_backward(micro, loss_fn, scale)
+        # The schedule runs forward and backward of every micro-batch through the stages.
+        with self._autocast_context(), activation_offload(self.layout.offload_activations):
+            return self.pipeline.step(micro, loss_fn, scale)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         if self._fsdp:

@@ -1,9 +1,10 @@
 """`parallelize()`: every parallel technique applied to a model, in one fixed order.
 
-The order (docs/design.md) is: pipeline split → tensor parallelism → sequence-parallel attention →
+The order (docs/design.md) is: sequence-parallel attention → pipeline split → tensor parallelism →
 recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
-Each step lives in its own module and returns early when the recipe leaves it off. The pipeline split
-turns the model into this rank's stages (pipeline.py); every later step applies to each of them, so
+Each step lives in its own module, reads the `Layout` (layout.py) and does nothing when the layout leaves
+it off. Sequence parallelism switches the whole model's attention (its stages share it); the pipeline
+split turns the model into this rank's stages (pipeline.py); every later step applies to each of them, so
 `parallelize()` returns the rank's model parts: the whole model, or its pipeline stages.
 
 With tensor or pipeline parallelism the data-parallel step reduces gradients over the dp × sp
@@ -27,8 +28,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.nn.parallel import DistributedDataParallel
 
 from .dims import ParallelDims, build_mesh
+from .layout import Layout
 from .pipeline import apply_stage_boundaries, split_stages
-from .recompute import RecomputeSettings, apply_recompute
+from .recompute import apply_recompute
+from .sp_attention import apply_sequence_parallel
 from .tensor_parallel import apply_tensor_parallel
 from .tiling import apply_tiled_loss, apply_tiled_mlp
 
@@ -100,54 +103,56 @@ def apply_replicate(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, *, data_parallel: str, bf16: bool = False,
-                offload: bool = False, device: torch.device | None = None,
-                recompute: RecomputeSettings | None = None, tp_sequence_parallel: bool = True,
-                pp_stages_per_rank: int = 1) -> list[nn.Module]:
-    """Apply the recipe's techniques in the documented order; `data_parallel` is ddp | fsdp | none.
+def parallelize(model: nn.Module, dims: ParallelDims, layout: Layout, *, data_parallel: str,
+                device: torch.device | None = None) -> list[nn.Module]:
+    """Apply the layout's techniques in the documented order; `data_parallel` is ddp | fsdp | none (DeepSpeed
+    wraps in its own engine).
 
     Returns this rank's model parts: `[model]`, or under pipeline parallelism its stages.
     """
     mesh = dp_mesh = None
-    if dims.tp > 1 or dims.pp > 1:
+    if dims.tp > 1 or dims.pp > 1 or dims.sp > 1:
         device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         mesh = build_mesh(dims, device_type)
-        if data_parallel != "none":
+        if data_parallel != "none" and (dims.tp > 1 or dims.pp > 1):
             dp_mesh = mesh["dp", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
-    # 1. pipeline split: this rank's stages, each holding the original submodules of its slice
+    # 1. sequence-parallel attention: the model's attention runs on its shard through the ring / Ulysses
+    #    kernels (sp_attention.py; each forward receives its shard's SequenceParallelContext), and a
+    #    length-dependent rope learns the whole sequence's length (sp_rope.py). A switch of the whole model,
+    #    which its pipeline stages share.
+    if layout.sharded_attention:
+        groups = {name: mesh.get_group(name) for name in ("sp_ring", "sp_ulysses")} if dims.sp > 1 else {}
+        apply_sequence_parallel(model, groups)
+    # 2. pipeline split: this rank's stages, each holding the original submodules of its slice
     #    (pipeline.py). Their activations cross stages in the dtype FSDP2's mixed precision computes in.
     parts = [model]
     if dims.pp > 1:
-        boundary = torch.bfloat16 if bf16 and data_parallel == "fsdp" else torch.float32
-        parts = split_stages(model, dims.pp, mesh.get_local_rank("pp"), pp_stages_per_rank, boundary)
-    return [_parallelize_part(part, dims, mesh, dp_mesh, data_parallel=data_parallel, bf16=bf16, offload=offload,
-                              device=device, recompute=recompute, tp_sequence_parallel=tp_sequence_parallel)
+        boundary = torch.bfloat16 if layout.bf16 and data_parallel == "fsdp" else torch.float32
+        parts = split_stages(model, dims.pp, mesh.get_local_rank("pp"), layout.pp_stages_per_rank, boundary)
+    return [_parallelize_part(part, dims, layout, mesh, dp_mesh, data_parallel=data_parallel, device=device)
             for part in parts]
 
 
-def _parallelize_part(model: nn.Module, dims: ParallelDims, mesh, dp_mesh, *, data_parallel: str, bf16: bool,
-                      offload: bool, device: torch.device | None, recompute: RecomputeSettings | None,
-                      tp_sequence_parallel: bool) -> nn.Module:
-    """Steps 2-5 on the whole model or on one pipeline stage."""
-    # 2. tensor parallel: the decoder layers' linears (and, with tp_sequence_parallel, the norms between
+def _parallelize_part(model: nn.Module, dims: ParallelDims, layout: Layout, mesh, dp_mesh, *, data_parallel: str,
+                      device: torch.device | None) -> nn.Module:
+    """Steps 3-5 on the whole model or on one pipeline stage."""
+    # 3. tensor parallel: the decoder layers' linears (and, with tp_sequence_parallel, the norms between
     #    them) become DTensors over the tp dimension (tensor_parallel.py).
     if dims.tp > 1:
-        apply_tensor_parallel(model, decoder_layers(model), mesh["tp"], sequence_parallel=tp_sequence_parallel)
-        if dims.pp > 1 and tp_sequence_parallel:
+        apply_tensor_parallel(model, decoder_layers(model), mesh["tp"], sequence_parallel=layout.tp_sequence_parallel)
+        if dims.pp > 1 and layout.tp_sequence_parallel:
             apply_stage_boundaries(model, mesh["tp"])  # stages exchange the local sequence shards
-    # 3. sequence-parallel attention: the model was built with attn_implementation="longtune_sp"
-    #    (sp_attention.py) and each forward receives its shard's SequenceParallelContext.
     # 4. recomputation / offload: tiled MLP and tiled logits + loss (tiling.py) first, then wrap decoder
     #    layers (or their sub-modules) in non-reentrant checkpointing, optionally with their inputs in
     #    host memory; before FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
-    if recompute is not None:
-        apply_tiled_mlp(decoder_layers(model), recompute.tiled_mlp_chunk)
-        if getattr(model, "lm_head", None) is not None:  # pipeline stages but the last have none
-            apply_tiled_loss(model, recompute.tiled_loss_chunk)
-        apply_recompute(decoder_layers(model), recompute)
+    apply_tiled_mlp(decoder_layers(model), layout.tiled_mlp_chunk)
+    if getattr(model, "lm_head", None) is not None:  # pipeline stages but the last have none
+        apply_tiled_loss(model, layout.tiled_loss_chunk)
+    apply_recompute(decoder_layers(model), layout)
     # 5. data-parallel wrapping.
     if data_parallel == "fsdp":
-        return apply_fsdp(model, bf16=bf16, offload=offload, mesh=dp_mesh)
+        return apply_fsdp(model, bf16=layout.bf16, offload=layout.offload_params or layout.offload_optimizer,
+                          mesh=dp_mesh)
     if data_parallel == "ddp" and dims.tp > 1:
         # TP ranks hold different shards: reduce over dp × sp only (also when that is one rank: the
         # wrapper turns the partial gradients of the tp-replicated norm weights into full ones).

@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .micro_batch import MicroBatchInputs
 from .tiling import LossFn, TiledLMHead, lm_head_computes_loss
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 """torch.distributed.pipelining's schedules by recipe name (`_schedule_class`; imported when a pipeline is built:
-the module takes seconds to import, and every launch reads this file for `pipeline_problem`)."""
+the module takes seconds to import)."""
 
 
 def _schedule_class(name: str):
@@ -42,16 +42,7 @@ def _schedule_class(name: str):
 """`parallel.pp_schedule` → torch schedule class (interleaved: several stages per rank)."""
 
 
-@dataclass(frozen=True)
-class StageInputs:
-    """One micro-batch as every stage sees it: the model's forward kwargs (`input_ids`, `position_ids`,
-    and e.g. `sp_context`, which the decoder layers pass on to attention) and the shifted labels."""
-
-    inputs: dict
-    labels: torch.Tensor
-
-
-_STEP_INPUTS: ContextVar[Sequence[StageInputs] | None] = ContextVar("longtune_pipeline_inputs", default=None)
+_STEP_INPUTS: ContextVar[Sequence[MicroBatchInputs] | None] = ContextVar("longtune_pipeline_inputs", default=None)
 _pending_loss_fn: ContextVar[LossFn | None] = ContextVar("longtune_pipeline_loss_fn", default=None)
 
 
@@ -73,31 +64,6 @@ def stage_layers(num_layers: int, num_stages: int) -> list[range]:
         ranges.append(range(start, end))
         start = end
     return ranges
-
-
-def pipeline_problem(config, pp: int, stages_per_rank: int, schedule: str, micro_batches: int) -> str | None:
-    """Why this model and step cannot be pipelined as asked (naming the numbers), or None."""
-    if pp == 1:
-        return None
-    stages = pp * stages_per_rank
-    layers = config.num_hidden_layers
-    if stages > layers:
-        per_rank = f" × {stages_per_rank} stages per rank (= {stages} stages)" if stages_per_rank > 1 else ""
-        return (f"parallel.pp {pp}{per_rank} exceeds the model's {layers} decoder layers "
-                "(num_hidden_layers): every stage needs at least one")
-    if getattr(config, "tie_word_embeddings", False):
-        return (f"parallel.pp {pp}: the model ties lm_head to the input embeddings (tie_word_embeddings), "
-                "which sit on the first and the last pipeline stage")
-    if schedule == "1f1b" and micro_batches < pp:
-        return (f"parallel.pp_schedule 1f1b needs at least pp (= {pp}) micro-batches per step, got "
-                f"{micro_batches} (train.global_batch_size / (dp × train.micro_batch_size)); use gpipe or "
-                "a smaller train.micro_batch_size")
-    if schedule == "interleaved_1f1b":
-        rounds = max(1, micro_batches // pp)
-        if micro_batches % rounds:
-            return (f"parallel.pp_schedule interleaved_1f1b runs micro-batches in rounds of pp (= {pp}): "
-                    f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds")
-    return None
 
 
 def attention_kind(config, layer_index: int) -> str:
@@ -267,7 +233,7 @@ class PipelineRunner:
         self._loss_sums.append(loss_sum.detach())
         return loss_sum * self._scale
 
-    def step(self, micro_batches: Sequence[StageInputs], loss_fn: LossFn, scale: float) -> float:
+    def step(self, micro_batches: Sequence[MicroBatchInputs], loss_fn: LossFn, scale: float) -> float:
         """Forward and backward of every micro-batch; returns this rank's sum of token losses (the sum of
         the last stage's micro-batches; 0 on ranks without the last stage). Collective over the pipeline."""
         if len(micro_batches) != self.micro_batches:
@@ -290,7 +256,7 @@ class PipelineRunner:
 
 
 @contextlib.contextmanager
-def micro_batch_inputs(micro_batches: Sequence[StageInputs], loss_fn: LossFn | None = None) -> Iterator[None]:
+def micro_batch_inputs(micro_batches: Sequence[MicroBatchInputs], loss_fn: LossFn | None = None) -> Iterator[None]:
     """For the stage forwards inside: `micro_batch=i` means `micro_batches[i]`; a tiled lm_head computes
     `loss_fn` (the runner binds these around each schedule step)."""
     inputs_token, loss_token = _STEP_INPUTS.set(micro_batches), _pending_loss_fn.set(loss_fn)

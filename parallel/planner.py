@@ -1,6 +1,6 @@
 """The layout planner: every valid layout of a model on N devices, with its memory and step time, ranked.
 
-Pure functions over `memory_model` and `time_model`; `longtune plan` (train/plan.py) is the CLI.
+Pure functions over `memory_model` and `time_model`; `longtune plan` (train/commands/plan.py) is the CLI.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .memory_model import GIB, Layout, MemoryBreakdown, ModelShape, memory_breakdown
+from .layout import Layout
+from .layout_rules import ulysses_heads_problem
+from .memory_model import GIB, MemoryBreakdown, ModelShape, memory_breakdown
 from .time_model import Calibration, StepEstimate, step_time
 
 
@@ -53,10 +55,11 @@ def _divisors(n: int) -> list[int]:
 
 def layout_problem(shape: ModelShape, layout: Layout, seq_len: int) -> str | None:
     """Why a layout cannot run with longtune, or None. The same rules the recipe and `setup_run` apply."""
-    if layout.sp_ulysses > 1 and shape.heads % (layout.sp_ulysses * layout.tp):
-        return f"ulysses {layout.sp_ulysses} × tp {layout.tp} does not divide {shape.heads} query heads"
     if layout.tp > 1 and (shape.heads % layout.tp or shape.kv_heads % layout.tp or shape.intermediate % layout.tp):
         return f"tp {layout.tp} does not divide the heads ({shape.heads}, {shape.kv_heads} KV) or the MLP width"
+    heads = ulysses_heads_problem(shape.heads, shape.kv_heads, layout.sp_ulysses, layout.tp)
+    if heads:
+        return heads
     if layout.pp > shape.layers:
         return f"pp {layout.pp} is more than {shape.layers} layers"
     if layout.pp > 1 and layout.grad_accum < layout.pp:

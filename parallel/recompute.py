@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,18 +22,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
+from .layout import Layout
 from .offload import HostTier, OffloadTier, make_tier
-
-
-@dataclass(frozen=True)
-class RecomputeSettings:
-    mode: str = "none"  # none | full | selective
-    every: int = 1  # selective: every k-th decoder layer
-    modules: tuple[str, ...] = ()  # selective: these sub-modules of every layer instead; full: nested inside
-    offload_checkpoints: bool = False  # the checkpointed modules' inputs live in an offload tier
-    offload_dir: str | None = None  # that tier: None host memory, else files in a directory under this one
-    tiled_mlp_chunk: int = 0  # tokens per TiledMLP chunk (parallel/tiling.py); 0: off
-    tiled_loss_chunk: int = 0  # tokens per tiled logits + loss chunk; 0: off
 
 
 def offloaded_checkpoint(module: nn.Module, *args: Any, tier: OffloadTier | None = None, **kwargs: Any) -> Any:
@@ -55,28 +44,29 @@ def _wrap(module: nn.Module, tier: OffloadTier | None = None) -> nn.Module:
     return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_recompute(layers: nn.Module, settings: RecomputeSettings) -> int:
-    """Wrap in place; returns how many modules now recompute their activations in backward.
+def apply_recompute(layers: nn.Module, layout: Layout) -> int:
+    """Wrap in place as `layout.recompute` / `recompute_every` / `recompute_modules` /
+    `offload_checkpoints` say; returns how many modules now recompute their activations in backward.
 
     `layers`: the model's ModuleList, or a pipeline stage's ModuleDict keyed by the layers' indices in
     the whole model (selective `every` counts those indices, so a layer recomputes under any split).
     """
-    if settings.mode == "none":
+    if layout.recompute == "none":
         return 0
     # One tier for all of this part's checkpoints (a directory per process and part with the disk tier).
-    tier = make_tier(settings.offload_dir, prefix="checkpoints-") if settings.offload_checkpoints else None
+    tier = make_tier(layout.disk_dir, prefix="checkpoints-") if layout.offload_checkpoints else None
     wrapped = 0
     for index, layer in list(layers.named_children()):
-        if settings.modules:
+        if layout.recompute_modules:
             # selective: these sub-modules instead of whole layers. full: these sub-modules inside the layer's
             # checkpoint too (nested), so that its backward holds one sub-module's activations at a time.
-            inner_tier = tier if settings.mode == "selective" else None
-            for name in settings.modules:
+            inner_tier = tier if layout.recompute == "selective" else None
+            for name in layout.recompute_modules:
                 if not isinstance(getattr(layer, name, None), nn.Module):
                     raise ValueError(f"memory.recompute_modules: decoder layer has no sub-module {name!r}")
                 setattr(layer, name, _wrap(getattr(layer, name), inner_tier))
                 wrapped += 1
-        if settings.mode == "full" or (not settings.modules and int(index) % settings.every == 0):
+        if layout.recompute == "full" or (not layout.recompute_modules and int(index) % layout.recompute_every == 0):
             setattr(layers, index, _wrap(layer, tier))
             wrapped += 1
     return wrapped

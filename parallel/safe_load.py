@@ -29,11 +29,11 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.metadata import StorageMeta
 
+from longtune.data_prep.user_error import UserError
 
-class UnsafeCheckpointError(RuntimeError):
+
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint file whose pickle names a global outside the allow-list (or is not a pickle at all)."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def _dcp_metadata_globals() -> set[tuple[str, str]]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+"""The label the loss skips (cross_entropy's default ignore_index): padding, and tokens that predict nothing.
+Defined once here, the lowest layer that needs it; train/ imports it."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 
 from .kernels import get_kernel
 from .ring_attention import RingAttention, RingPlan
+from .sp_rope import apply_length_aware_rope
 from .ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
 
 ATTN_IMPLEMENTATION = "longtune_sp"
@@ -59,8 +60,9 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
     device_type = query.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    plan = RingPlan(ctx.layout, ctx.ring, ctx.ring_rank, ctx.seq_len, ctx.doc_bounds, scale,
-                    get_kernel(ctx.kernel, q.device), ctx.ring_group)
+    # Resolved on the first call of the process and cached (kernels.get_kernel): the same answer every layer.
+    kernel = get_kernel(ctx.kernel, q.device, dtype, q.shape[-1])
+    plan = RingPlan(ctx.layout, ctx.ring, ctx.ring_rank, ctx.seq_len, ctx.doc_bounds, scale, kernel, ctx.ring_group)
     if ctx.ulysses == 1:
         return RingAttention.apply(q, k, v, plan).transpose(1, 2).contiguous(), None
     copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
@@ -78,3 +80,11 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, sequence_parallel_attention)
+
+
+def apply_sequence_parallel(model: torch.nn.Module, groups: dict) -> None:
+    """`parallelize()`'s sequence-parallel step: the model's attention becomes `sequence_parallel_attention`
+    (transformers' own switch, `set_attn_implementation`) and a rotary embedding whose frequencies depend on
+    the length learns the whole sequence's (sp_rope.py). `groups`: "sp_ring" / "sp_ulysses" → process group."""
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    apply_length_aware_rope(model, groups)

@@ -111,22 +111,6 @@ def root_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     }
 
 
-def tensor_parallel_problem(config, tp: int) -> str | None:
-    """Why `tp` cannot split this model (naming the numbers), or None when it can."""
-    if tp == 1:
-        return None
-    if config.model_type not in _LAYER_PLANS:
-        return (f"parallel.tp {tp}: no tensor-parallel plan for model_type {config.model_type!r} "
-                f"(plans: {', '.join(supported_model_types())})")
-    sizes = {"num_attention_heads": config.num_attention_heads,
-             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-             "intermediate_size": config.intermediate_size}
-    bad = [f"{name} {value}" for name, value in sizes.items() if value % tp]
-    if bad:
-        return f"parallel.tp {tp} does not divide the model's {', '.join(bad)}"
-    return None
-
-
 def apply_tensor_parallel(model: nn.Module, layers: nn.Module, tp_mesh: DeviceMesh, *,
                           sequence_parallel: bool) -> None:
     """Shard `layers` (the model's decoder layers: a ModuleList, or a pipeline stage's ModuleDict) in place

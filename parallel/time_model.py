@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .memory_model import Layout, ModelShape, params_per_rank, tokens_per_rank
+from .layout import Layout
+from .memory_model import ModelShape, params_per_rank, tokens_per_rank
 
 GB = 1e9
 

@@ -2,10 +2,15 @@
 single-process model, for many layouts in one launch. Rank 0 writes one JSON result per case.
 
     torchrun --nproc_per_node 4 tests/sp_parity_worker.py OUT_DIR
+
+With LONGTUNE_TEST_KERNEL_FAKES=FAKE[,FAKE...] (names of tests/kernel_fakes.FAKES) it runs `fake_cases`
+instead: the CUDA kernels through their CPU contract fakes, in bf16 against the single-process bf16 run;
+LONGTUNE_TEST_KERNEL_MODES=MODE[,...] keeps only those layouts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -16,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from kernel_fakes import clear_kernel_caches, install
+from pytest import MonkeyPatch
 
 from longtune.parallel.dims import ParallelDims, build_mesh
 from longtune.parallel.sharding import unshard_sequence
@@ -57,6 +64,33 @@ def cases(world: int) -> list[dict]:
             out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring,
                         "impl": impl, "rope": method})
     return out
+
+
+def fake_cases(world: int, fakes: list[str], modes: list[str] | None = None) -> list[dict]:
+    """Every layout of `world` through each kernel fake in bf16: packed GQA rows (a block covers part of the
+    rows, so the LSE handed to the backward is a strided view), MQA, a padding-only shard, and Ulysses on one
+    unpadded document (a single kernel call)."""
+    layouts = {2: [("ulysses", 2, 1, "zigzag"), ("ring", 1, 2, "ring"), ("zigzag", 1, 2, "zigzag")],
+               4: [("ulysses", 4, 1, "zigzag"), ("ring", 1, 4, "ring"), ("zigzag", 1, 4, "zigzag"),
+                   ("hybrid", 2, 2, "zigzag"), ("hybrid-ring", 2, 2, "ring")]}[world]
+    out = []
+    for fake in fakes:
+        for name, uly, ring, impl in layouts:
+            if modes and name not in modes:
+                continue
+            base = {"family": "tiny-llama", "mode": name, "ulysses": uly, "ring": ring, "impl": impl,
+                    "fake": fake, "dtype": "bfloat16"}
+            out += [{**base, "kv_heads": 2}, {**base, "kv_heads": 1},
+                    {**base, "kv_heads": 2, "edge": "padding_only_shard"}]
+            if ring == 1:
+                out.append({**base, "kv_heads": 2, "edge": "single_document_unpadded"})
+    return out
+
+
+def autocast(case: dict) -> contextlib.AbstractContextManager:
+    """bf16 cases run as `model.dtype: bfloat16` trains: fp32 weights under CPU autocast."""
+    bf16 = case.get("dtype") == "bfloat16"
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf")
@@ -102,12 +136,27 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     reference = build_model(source, config, device="cpu", attn_implementation="sdpa", seed=11)
     sp_model = copy.deepcopy(reference)
     sp_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    # bf16: compared with the one-process bf16 run; its distance to fp32 is the noise floor reported with it.
+    fp32_reference = copy.deepcopy(reference) if case.get("dtype") == "bfloat16" else None
 
     batch = collate(make_rows(case), pad_id=0, document_masking=True)
     count = (batch.labels != -100).sum()
-    ref_logits = reference(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-    ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), batch.labels.flatten(), reduction="sum") / count
-    ref_loss.backward()
+
+    def one_process(model) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(case if model is reference else {}):
+            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), reduction="sum") / count
+        loss.backward()
+        return logits.detach().float(), loss.detach()
+
+    ref_logits, ref_loss = one_process(reference)
+    noise = {}
+    if fp32_reference is not None:
+        fp32_logits, fp32_loss = one_process(fp32_reference)
+        noise = {"noise_logits_rel": rel(ref_logits, fp32_logits),
+                 "noise_loss_rel": abs((ref_loss - fp32_loss).item()) / abs(fp32_loss.item()),
+                 "noise_grad_rel": max(rel(a.grad, b.grad) for a, b in
+                                       zip(reference.parameters(), fp32_reference.parameters(), strict=True))}
 
     dims = ParallelDims(world, dp=1, sp_ring=case["ring"], sp_ulysses=case["ulysses"])
     mesh = build_mesh(dims, "cpu")
@@ -117,9 +166,10 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     real = batch.position_ids >= 0  # every token of these rows is a token (padding included)
     layout = "contiguous" if case["impl"] == "ring" else "zigzag"
     shard = shard_micro_batch(batch.input_ids, batch.labels, batch.position_ids, real, dims=dims, rank=rank,
-                              layout=layout, pad_id=0, groups=groups)
-    logits = sp_model(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
-                      sp_context=shard.context).logits
+                              layout=layout, pad_id=0, groups=groups, kernel=case.get("kernel"))
+    with autocast(case):
+        logits = sp_model(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
+                          sp_context=shard.context).logits.float()
     local_sum = F.cross_entropy(logits.flatten(0, 1), shard.labels.flatten(), reduction="sum")
     (local_sum / count).backward()
 
@@ -140,7 +190,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             worst_grad, worst_name = r, name
     return {"logits_rel": rel(full, ref_logits.detach()), "loss_rel": abs((total / count - ref_loss).item())
             / abs(ref_loss.item()), "grad_rel": worst_grad, "grad_worst": worst_name,
-            "finite": finite and bool(torch.isfinite(logits).all()), "loss": ref_loss.item()}
+            "finite": finite and bool(torch.isfinite(logits).all()), "loss": ref_loss.item(), **noise}
 
 
 def main() -> None:
@@ -148,12 +198,20 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    for case in cases(world):
+    fakes = os.environ.get("LONGTUNE_TEST_KERNEL_FAKES")
+    modes = os.environ.get("LONGTUNE_TEST_KERNEL_MODES")
+    todo = fake_cases(world, fakes.split(","), modes and modes.split(",")) if fakes else cases(world)
+    for case in todo:
         key = "-".join(f"{k}={v}" for k, v in case.items())
+        patch = MonkeyPatch()
         try:
-            result = run_case(case, rank, world)
+            kernel = install(case["fake"], patch) if "fake" in case else None
+            result = run_case({**case, "kernel": kernel}, rank, world)
         except Exception:  # a failing case must not hide the others
             result = {"error": traceback.format_exc()}
+        finally:
+            patch.undo()
+            clear_kernel_caches()
         if rank == 0:
             (out_dir / f"w{world}-{key}.json").write_text(json.dumps({"case": case, **result}))
         dist.barrier()

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import longtune
 from longtune.data_prep.api import config_from_dict, prepare_corpus
+from longtune.data_prep.user_error import UserError
 from longtune.data_prep.writer import METADATA_FILE
 from longtune.train.data import DataError, load_corpus
 from longtune.train.tokenizer import embedded_tokenizer
@@ -36,7 +37,7 @@ def test_same_tokenizer_loads(corpora):
 def test_other_tokenizer_is_one_clear_error(corpora):
     with pytest.raises(DataError, match="tokenized with another tokenizer") as err:
         load_corpus(str(corpora / "other"), embedded_tokenizer(), 128)
-    assert err.value.user_facing and "tok-other" in str(err.value)
+    assert isinstance(err.value, UserError) and "tok-other" in str(err.value)
 
 
 def test_corpus_from_before_the_encoding_fingerprint_is_compared_by_the_full_one(corpora, tmp_path):

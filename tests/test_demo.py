@@ -10,7 +10,7 @@ import yaml
 
 from conftest import longtune
 from longtune.data_prep.synthetic import WORD_KEYS, landmark_prompt
-from longtune.train.evaluate.common import encode, load_model, load_tokenizer
+from longtune.train.evaluate.common import encode, load_model, load_model_dir_tokenizer
 from longtune.train.evaluate.passkey import run_passkey
 from longtune.train.model import shipped_model_dir
 from longtune.train.recipe import RECIPES_DIR
@@ -50,7 +50,7 @@ def test_shipped_base_prep_trains_the_eval_prompts_at_256():
     prep = yaml.safe_load((BASE / "prep.yaml").read_text())
     longest = max(s["length_tokens"] for s in prep["sources"] if s["type"] == "passkey")
     assert all(s.get("key") == "word" for s in prep["sources"] if s["type"] == "passkey")
-    tok = load_tokenizer(BASE)
+    tok = load_model_dir_tokenizer(BASE)
     for key in WORD_KEYS:
         assert len(encode(tok, f" {key}")) == 1, key
         evaluated, _ = landmark_prompt(lambda t: encode(tok, t), [tok.bos_token_id], 256, 0.0, key)

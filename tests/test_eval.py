@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import free_port, longtune, run
 from longtune.data_prep.synthetic import LANDMARK_FILLER
 from longtune.parallel.sharding import padding_multiple
+from longtune.train.commands.eval import main
 from longtune.train.evaluate import needle, passkey
-from longtune.train.evaluate.cli import main
 from longtune.train.evaluate.common import load_model, long_text_documents
 from longtune.train.evaluate.perplexity import (
     PROTOCOLS,
@@ -192,7 +192,7 @@ def test_eval_sp_perplexity_equals_one_process(tiny_model_dir, tmp_path, one_pro
         longtune("eval", *args, timeout=120)
     else:  # under a launcher that already started them
         run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(free_port()), "-m", "longtune.train.evaluate.cli", *args], timeout=120)
+             str(free_port()), "-m", "longtune.train.commands.eval", *args], timeout=120)
     res = json.loads((out / "results.json").read_text())
     assert "passkey" not in res and "needle" not in res  # --sp defaults to --tasks ppl
     points = res["perplexity"]["points"]

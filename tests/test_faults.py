@@ -228,7 +228,7 @@ def test_resume_false_on_an_existing_run_needs_overwrite(two_checkpoints, tmp_pa
 def test_demo_reruns_overwrite_their_training_runs():
     import inspect
 
-    from longtune.train import demo
+    from longtune.train.commands import demo
 
     source = inspect.getsource(demo.run_demo)
     assert '"train.resume=false", "train.overwrite=true"' in source

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from longtune.train.commands.longrope_search import main
 from longtune.train.extension import apply_extension, plan_extension
-from longtune.train.longrope import ScaledRotary, legalize, main, ntk_factors, pi_factors, yarn_factors
+from longtune.train.longrope import ScaledRotary, legalize, ntk_factors, pi_factors, yarn_factors
 
 
 def _config(d=64, b=10000.0, L=2048):

@@ -7,10 +7,19 @@ import pytest
 import torch
 
 from conftest import assert_close_curves, longtune, losses
-from longtune.parallel.recompute import RecomputeSettings, activation_offload, apply_recompute
+from longtune.parallel.layout import Layout
+from longtune.parallel.recompute import activation_offload, apply_recompute
 from longtune.train.model import build_config, build_model, resolve_model_source
 
 ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false", "train.export=false")
+
+def recompute(mode: str, every: int = 1, modules: tuple[str, ...] = (), offload_checkpoints: bool = False,
+              offload_dir: str | None = None) -> Layout:
+    """A layout with only recomputation (and checkpoint offload) switched on."""
+    return Layout(recompute=mode, recompute_every=every, recompute_modules=modules,
+                  offload_checkpoints=offload_checkpoints, offload_tier="disk" if offload_dir else "host",
+                  offload_dir=offload_dir)
+
 
 
 def _tiny(layers: int = 4):
@@ -19,7 +28,7 @@ def _tiny(layers: int = 4):
     return build_model(source, config, device="cpu", attn_implementation="sdpa", seed=0)
 
 
-def _calls(model, settings: RecomputeSettings, module: str = "mlp") -> list[int]:
+def _calls(model, settings: Layout, module: str = "mlp") -> list[int]:
     calls = [0] * len(model.model.layers)
     for i, layer in enumerate(model.model.layers):
         # A pre-hook: non-reentrant recomputation stops early once it has what backward needs, which
@@ -32,14 +41,14 @@ def _calls(model, settings: RecomputeSettings, module: str = "mlp") -> list[int]
 
 
 @pytest.mark.parametrize("settings,expected", [
-    (RecomputeSettings("none"), [1, 1, 1, 1]),
-    (RecomputeSettings("full"), [2, 2, 2, 2]),
-    (RecomputeSettings("selective", every=2), [2, 1, 2, 1]),
-    (RecomputeSettings("selective", modules=("mlp",)), [2, 2, 2, 2]),
-    (RecomputeSettings("selective", modules=("self_attn",)), [1, 1, 1, 1]),
+    (recompute("none"), [1, 1, 1, 1]),
+    (recompute("full"), [2, 2, 2, 2]),
+    (recompute("selective", every=2), [2, 1, 2, 1]),
+    (recompute("selective", modules=("mlp",)), [2, 2, 2, 2]),
+    (recompute("selective", modules=("self_attn",)), [1, 1, 1, 1]),
     # Nested, the MLP last in the layer: the layer's recomputation stops once it has the MLP's input (all
     # that the layer's own checkpoint saved), the MLP's checkpoint recomputes it once.
-    (RecomputeSettings("full", modules=("mlp",)), [2, 2, 2, 2]),
+    (recompute("full", modules=("mlp",)), [2, 2, 2, 2]),
 ])
 def test_recompute_runs_the_chosen_modules_again_in_backward(settings, expected):
     assert _calls(_tiny(), settings) == expected
@@ -48,9 +57,9 @@ def test_recompute_runs_the_chosen_modules_again_in_backward(settings, expected)
 def test_nested_recompute_runs_an_inner_module_once_more():
     # The attention inside the layer: forward, the layer's recomputation (which must get past it), and
     # its own recomputation during its backward; the layer's recomputation keeps only its input.
-    settings = RecomputeSettings("full", modules=("self_attn",))
+    settings = recompute("full", modules=("self_attn",))
     assert _calls(_tiny(), settings, "self_attn") == [3, 3, 3, 3]
-    assert _calls(_tiny(), RecomputeSettings("full"), "self_attn") == [2, 2, 2, 2]
+    assert _calls(_tiny(), recompute("full"), "self_attn") == [2, 2, 2, 2]
 
 
 def test_recompute_and_offload_give_identical_gradients():
@@ -64,11 +73,11 @@ def test_recompute_and_offload_give_identical_gradients():
         loss.backward()
         return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 
-    base = grads(RecomputeSettings("none"), False)
+    base = grads(recompute("none"), False)
     nested = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-    for settings, offload in ((RecomputeSettings("full"), False), (RecomputeSettings("none"), True),
-                              (RecomputeSettings("selective", modules=("mlp",)), True),
-                              (RecomputeSettings("full", modules=nested, offload_checkpoints=True), False)):
+    for settings, offload in ((recompute("full"), False), (recompute("none"), True),
+                              (recompute("selective", modules=("mlp",)), True),
+                              (recompute("full", modules=nested, offload_checkpoints=True), False)):
         got = grads(settings, offload)
         assert got.keys() == base.keys()
         for name in base:
@@ -77,7 +86,7 @@ def test_recompute_and_offload_give_identical_gradients():
 
 def test_unknown_submodule_is_refused():
     with pytest.raises(ValueError, match="no sub-module 'ffn'"):
-        apply_recompute(_tiny().model.layers, RecomputeSettings("selective", modules=("ffn",)))
+        apply_recompute(_tiny().model.layers, recompute("selective", modules=("ffn",)))
 
 
 @pytest.fixture(scope="module")

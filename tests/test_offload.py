@@ -9,10 +9,24 @@ import torch
 
 from longtune.parallel.backend import BackendSettings
 from longtune.parallel.dims import ParallelDims
+from longtune.parallel.layout import Layout
 from longtune.parallel.native_backend import NativeBackend
 from longtune.parallel.offload import DiskTier, GradientOffload, HostTier, OptimizerStateSwap
-from longtune.parallel.recompute import RecomputeSettings, apply_recompute
+from longtune.parallel.recompute import apply_recompute
 from longtune.train.model import build_config, build_model, resolve_model_source
+
+
+def recompute(mode: str, every: int = 1, modules: tuple[str, ...] = (), offload_checkpoints: bool = False,
+              offload_dir: str | None = None) -> Layout:
+    """A layout with only recomputation (and checkpoint offload) switched on."""
+    return Layout(recompute=mode, recompute_every=every, recompute_modules=modules,
+                  offload_checkpoints=offload_checkpoints, offload_tier="disk" if offload_dir else "host",
+                  offload_dir=offload_dir)
+
+
+SETTINGS = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+                           lr_multiplier=lambda step: 1.0)
+
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
@@ -50,7 +64,7 @@ def test_checkpoint_offload_to_disk_gives_identical_gradients(tmp_path):
         model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
         return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 
-    base = grads(RecomputeSettings("none"))
+    base = grads(recompute("none"))
     seen = []
     original_put = DiskTier.put
 
@@ -60,7 +74,7 @@ def test_checkpoint_offload_to_disk_gives_identical_gradients(tmp_path):
 
     DiskTier.put = counting_put
     try:
-        got = grads(RecomputeSettings("full", offload_checkpoints=True, offload_dir=str(tmp_path)))
+        got = grads(recompute("full", offload_checkpoints=True, offload_dir=str(tmp_path)))
     finally:
         DiskTier.put = original_put
     hidden = _tiny().config.hidden_size
@@ -96,12 +110,11 @@ def test_swapped_adamw_steps_exactly_like_adamw(tier, tmp_path):
 
 
 def _backend(swap_dir, gradient_offload_dir=None) -> NativeBackend:
-    settings = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-                               lr_multiplier=lambda step: 1.0, grad_accum=1, micro_batch_size=2,
-                               optimizer_swap=swap_dir is not None, optimizer_swap_dir=swap_dir,
-                               gradient_offload=gradient_offload_dir is not None,
-                               gradient_offload_dir=gradient_offload_dir)
-    return NativeBackend(settings, ParallelDims(world_size=1), torch.device("cpu"), lambda device: _tiny())
+    layout = Layout(micro_batch=2, dtype="float32", optimizer_swap=swap_dir is not None,
+                    offload_gradients=gradient_offload_dir is not None,
+                    offload_tier="disk" if swap_dir or gradient_offload_dir else "host",
+                    offload_dir=swap_dir or gradient_offload_dir)
+    return NativeBackend(SETTINGS, layout, ParallelDims(world_size=1), torch.device("cpu"), lambda device: _tiny())
 
 
 def _train(backend: NativeBackend, batches) -> None:
@@ -165,8 +178,6 @@ def test_native_backend_with_gradient_offload_trains_exactly_like_the_plain_one(
 
 
 def test_gradient_offload_refuses_several_processes():
-    settings = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-                               lr_multiplier=lambda step: 1.0, grad_accum=1, micro_batch_size=2,
-                               gradient_offload=True)
+    layout = Layout(dp=2, micro_batch=2, dtype="float32", offload_gradients=True)
     with pytest.raises(ValueError, match="memory.offload.gradients is for one process"):
-        NativeBackend(settings, ParallelDims(world_size=2, dp=2), torch.device("cpu"), lambda device: _tiny())
+        NativeBackend(SETTINGS, layout, ParallelDims(world_size=2, dp=2), torch.device("cpu"), lambda device: _tiny())

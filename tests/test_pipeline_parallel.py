@@ -126,7 +126,8 @@ FULL, SLIDING = "full_attention", "sliding_attention"
     ("tiny-mistral", {"sliding_window": 5}),  # the sliding-window mask, narrower than the documents
 ], ids=["llama", "qwen2", "qwen3-mixed-kinds", "mistral-sliding"])
 def test_chained_stages_compute_the_model(flavour, fields):
-    from longtune.parallel.pipeline import StageInputs, micro_batch_inputs, split_stages
+    from longtune.parallel.micro_batch import MicroBatchInputs
+    from longtune.parallel.pipeline import micro_batch_inputs, split_stages
 
     model = _tiny(flavour, **fields).eval()
     # Two packed rows; documents restart their positions (block-diagonal masks).
@@ -140,7 +141,7 @@ def test_chained_stages_compute_the_model(flavour, fields):
         stages.sort(key=lambda s: s.stage_index)
         assert [len(s.model.layers) for s in stages] == [1, 1, 1, 1]
         hidden = None
-        with micro_batch_inputs([StageInputs({"input_ids": ids, "position_ids": positions}, ids)]):
+        with micro_batch_inputs([MicroBatchInputs({"input_ids": ids, "position_ids": positions}, ids)]):
             for stage in stages:
                 hidden = stage(hidden, micro_batch=torch.tensor([0]))
     torch.testing.assert_close(hidden, want, rtol=0, atol=1e-5)
@@ -159,7 +160,7 @@ def test_stage_split_and_placement():
 
 
 def test_impossible_pipelines_are_refused_with_numbers():
-    from longtune.parallel.pipeline import pipeline_problem
+    from longtune.parallel.layout_rules import pipeline_problem
 
     config = _tiny("tiny-llama", layers=2).config
     assert pipeline_problem(config, 2, 1, "1f1b", 2) is None

@@ -1,4 +1,4 @@
-"""Memory model, time model and `longtune plan` (parallel/memory_model.py, time_model.py, planner.py, train/plan.py)."""
+"""Memory model, time model and `longtune plan` (parallel/memory_model.py, time_model.py, planner.py, train/commands/plan.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from conftest import PYTHON, REPO, run
 from longtune.parallel.dims import ParallelDims
+from longtune.parallel.layout import Layout
 from longtune.parallel.memory_model import (
-    Layout,
     ModelShape,
     activation_terms,
     attention_saved_per_token,
@@ -33,8 +33,8 @@ from longtune.parallel.time_model import (
     step_time,
 )
 from longtune.train.cli import main as cli_main
-from longtune.train.plan import layout_from_recipe, recipe_for_layout, resolve_shape
 from longtune.train.recipe import load_recipe
+from longtune.train.recipe_layout import layout_from_recipe, recipe_for_layout, resolve_shape
 
 # hidden 8, 2 layers, 2 query heads / 1 KV head of 4, MLP 16, vocabulary 32.
 SMALL = ModelShape(hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16, vocab=32)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from conftest import longtune
-
 from longtune.train.model import shipped_model_dir
 
 BASE = ["train.max_steps=2", "train.progress=false", "train.export=false"]
@@ -85,7 +84,7 @@ def test_a_good_model_dir_passes_preflight():
     """The shipped model dir passes the file checks, and a layout that fits passes the layout rules."""
     from longtune.train.model import check_model_files, resolve_model_source
     from longtune.train.recipe import load_recipe
-    from longtune.train.run_setup import preflight_model
+    from longtune.train.model_checks import preflight_model
 
     check_model_files(resolve_model_source("tiny-base-256"))
     preflight_model(load_recipe("tiny-smoke", ["parallel.sp.ulysses=2", "parallel.tp=2"]), 4)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from longtune.data_prep.api import config_from_dict, merge_shards, prepare_corpus
-from longtune.data_prep.cli import main as prep_main
 from longtune.data_prep.packing import PACKING_STRATEGIES
+from longtune.train.commands.prep import main as prep_main
 
 BOS, EOS, PAD = 1, 2, 0
 

@@ -77,13 +77,13 @@ def test_shipped_prep_configs_parse(path):
 
 def test_tokenizer_and_config_by_shipped_name(tmp_path, monkeypatch):
     from longtune.data_prep.config import shipped_prep_config
-    from longtune.data_prep.tokenization import SHIPPED_DIR, load_tokenizer, resolve_tokenizer_path
+    from longtune.data_prep.tokenization import SHIPPED_DIR, load_tokenizer_spec, resolve_tokenizer_path
 
     monkeypatch.chdir(tmp_path)  # outside the checkout: repo-relative paths do not exist here
     model = SHIPPED_DIR / "models" / "tiny-base-256"
     assert resolve_tokenizer_path("tiny-base-256") == model
     assert resolve_tokenizer_path("recipes/models/tiny-base-256") == model
-    assert load_tokenizer("tiny-base-256").eos_id is not None
+    assert load_tokenizer_spec("tiny-base-256").eos_id is not None
     assert resolve_tokenizer_path("no-such-model") == Path("no-such-model")
     assert shipped_prep_config(Path("embedded-smoke")) == SHIPPED_DIR / "prep" / "embedded-smoke.yaml"
     cfg = load_prep_config("embedded-smoke", [f"output={tmp_path / 'o'}"])

@@ -3,8 +3,8 @@
 The sequence-parallel layouts (Ulysses, ring, zigzag, hybrid) × every method are in the parity worker
 (test_sequence_parallel.py, logits / loss / gradients within 1e-5). Here `longtune parity` runs the whole
 training path (recipe → extension → model build → layout) for the two length-dependent ropes that used
-to choose their frequencies per shard, and (slow) every method under tensor parallelism (parity) and pipeline parallelism (2-step loss
-curves against one process).
+to choose their frequencies per shard, and (slow) every method under tensor parallelism (parity) and
+pipeline parallelism (2-step loss curves against one process).
 
 The tiny model's 256-token rows are longer than the original length set here (128), so dynamic NTK
 rescales and LongRoPE switches to its long factors in the single-process run, where a rank holding the

@@ -82,7 +82,7 @@ def _config(model_type: str, **fields):
 
 
 def test_tp_must_divide_heads_and_mlp_width():
-    from longtune.parallel.tensor_parallel import tensor_parallel_problem
+    from longtune.parallel.layout_rules import tensor_parallel_problem
 
     assert tensor_parallel_problem(_config("llama"), 2) is None
     assert tensor_parallel_problem(_config("qwen3"), 2) is None
@@ -96,7 +96,7 @@ def test_tp_must_divide_heads_and_mlp_width():
 def test_tp_without_a_plan_is_refused():
     from types import SimpleNamespace
 
-    from longtune.parallel.tensor_parallel import tensor_parallel_problem
+    from longtune.parallel.layout_rules import tensor_parallel_problem
 
     msg = tensor_parallel_problem(SimpleNamespace(model_type="gpt2"), 2)
     assert msg.startswith("parallel.tp 2: no tensor-parallel plan for model_type 'gpt2'") and "qwen3" in msg

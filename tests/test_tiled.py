@@ -4,13 +4,16 @@ moved off the device tensor, state-dict keys unchanged. The training curves are 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from longtune.parallel.recompute import RecomputeSettings, apply_recompute
+from longtune.parallel.layout import Layout
+from longtune.parallel.recompute import apply_recompute
 from longtune.parallel.tiling import TiledLMHead, TiledMLP, apply_tiled_loss, apply_tiled_mlp, lm_head_computes_loss
 from longtune.train.data import IGNORE_INDEX
 from longtune.train.loss import token_loss_sum
@@ -19,6 +22,14 @@ from longtune.train.recipe import RecipeError, recipe_from_dict
 
 VOCAB, HIDDEN, INTERMEDIATE = 300, 128, 352  # tiny-llama with a 300-token vocabulary
 REL = 1e-6
+
+def recompute(mode: str, every: int = 1, modules: tuple[str, ...] = (), offload_checkpoints: bool = False,
+              offload_dir: str | None = None) -> Layout:
+    """A layout with only recomputation (and checkpoint offload) switched on."""
+    return Layout(recompute=mode, recompute_every=every, recompute_modules=modules,
+                  offload_checkpoints=offload_checkpoints, offload_tier="disk" if offload_dir else "host",
+                  offload_dir=offload_dir)
+
 
 
 def _tiny(layers: int = 2):
@@ -102,8 +113,8 @@ def test_tiled_mlp_module_output_and_gradients():
 def test_everything_together_equals_the_plain_model():
     ids, labels = _batch()
     ref = _loss_and_grads(_tiny(), ids, labels, tiled=False)
-    for settings in (RecomputeSettings("full", offload_checkpoints=True),
-                     RecomputeSettings("selective", modules=("mlp",), offload_checkpoints=True)):
+    for settings in (recompute("full", offload_checkpoints=True),
+                     recompute("selective", modules=("mlp",), offload_checkpoints=True)):
         model = _tiny()
         apply_tiled_mlp(model.model.layers, 6)
         apply_tiled_loss(model, 10)
@@ -194,8 +205,8 @@ def test_tiled_mlp_writes_the_input_gradient_in_place():
     assert (x.grad - reference.grad).abs().max() <= REL * reference.grad.abs().max()
 
 
-@pytest.mark.parametrize("settings", [RecomputeSettings("full"), RecomputeSettings("selective", every=1),
-                                      RecomputeSettings("selective", modules=("mlp",))])
+@pytest.mark.parametrize("settings", [recompute("full"), recompute("selective", every=1),
+                                      recompute("selective", modules=("mlp",))])
 def test_checkpoint_offload_moves_the_checkpointed_inputs(settings):
     """With offload the device tensor a checkpoint keeps for recomputation is released after forward
     (a host copy is kept instead); without it, it stays alive until backward. Gradients are identical."""
@@ -203,11 +214,10 @@ def test_checkpoint_offload_moves_the_checkpointed_inputs(settings):
 
     def run(offload: bool):
         model = _tiny()
-        apply_recompute(model.model.layers, RecomputeSettings(settings.mode, settings.every, settings.modules,
-                                                              offload_checkpoints=offload))
+        apply_recompute(model.model.layers, replace(settings, offload_checkpoints=offload))
         inputs = []
         for layer in model.model.layers:
-            wrapped = layer.mlp if settings.modules else layer
+            wrapped = layer.mlp if settings.recompute_modules else layer
             wrapped.register_forward_pre_hook(
                 lambda _m, args: inputs.append(StorageWeakRef(args[0].untyped_storage())))
         loss = token_loss_sum(model(input_ids=ids).logits, labels)
@@ -227,7 +237,7 @@ def test_wrappers_keep_the_state_dict_keys():
     model = _tiny()
     apply_tiled_mlp(model.model.layers, 8)
     apply_tiled_loss(model, 8)
-    apply_recompute(model.model.layers, RecomputeSettings("full", offload_checkpoints=True))
+    apply_recompute(model.model.layers, recompute("full", offload_checkpoints=True))
     assert isinstance(model.lm_head, TiledLMHead)
     assert list(model.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(model.state_dict())

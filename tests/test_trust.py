@@ -204,10 +204,10 @@ def test_hub_tokenizer_is_refused_without_a_network_attempt(tmp_path, hub):
 
 
 def test_load_tokenizer_refuses_hub_ids():
-    from longtune.train.tokenizer import TokenizerSourceError, load_tokenizer
+    from longtune.train.tokenizer import TokenizerSourceError, load_run_tokenizer
 
     with pytest.raises(TokenizerSourceError, match="does not download"):
-        load_tokenizer("some-org/some-tokenizer", None)
+        load_run_tokenizer("some-org/some-tokenizer", None)
 
 
 def test_hub_attention_kernel_is_refused_by_the_recipe(tmp_path):
@@ -230,8 +230,8 @@ def test_hub_attention_kernel_is_refused_by_the_recipe(tmp_path):
 
 
 def test_clis_switch_the_hub_offline(monkeypatch):
-    from longtune.data_prep import cli as prep_cli
     from longtune.train import cli
+    from longtune.train.commands import prep as prep_cli
 
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
     for key in keys:

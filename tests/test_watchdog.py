@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, metrics, process_alive, subprocess_env
-
 from longtune.train.launch import descendants
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

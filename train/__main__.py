@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import worker_main
+from .commands.train import rank_main
 
-sys.exit(worker_main())
+sys.exit(rank_main())

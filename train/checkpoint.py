@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtune.data_prep.user_error import UserError
 from longtune.parallel.dims import barrier
 from longtune.parallel.safe_load import scan_checkpoint
 
@@ -168,10 +169,8 @@ def checkpoint_layout(recipe, world: int) -> dict:
     return {"backend": "deepspeed", "zero_stage": par.deepspeed.zero_stage, "world_size": world}
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A checkpoint that this run cannot continue from."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def check_resumable(path: Path, layout: dict[str, Any]) -> None:

@@ -21,17 +21,15 @@ import torch
 from longtune.data_prep.embedded import embedded_documents
 from longtune.data_prep.packing import pack_concatenated
 from longtune.data_prep.tokenization import encoding_fingerprint
-from longtune.data_prep.writer import METADATA_FILE
+from longtune.data_prep.user_error import UserError
+from longtune.data_prep.writer import DOC_LENS_COLUMN, LOSS_MASK_COLUMN, METADATA_FILE, TOKENS_COLUMN
+from longtune.parallel.sharding import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
-
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A corpus that cannot be used for this recipe."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def embedded_corpus(tokenizer, seq_len: int) -> datasets.Dataset:
@@ -56,7 +54,7 @@ def load_corpus(path: str | None, tokenizer, seq_len: int) -> datasets.Dataset:
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"data.path {path!r} is not a saved dataset: {exc}") from None
     check_tokenizer(corpus_dir, tokenizer)
-    missing = {"input_ids", "doc_lens"} - set(ds.column_names)
+    missing = {TOKENS_COLUMN, DOC_LENS_COLUMN} - set(ds.column_names)
     if missing:
         raise DataError(f"data.path {path!r} lacks column(s) {', '.join(sorted(missing))}")
     longest = _longest_row(ds)
@@ -99,7 +97,7 @@ def _longest_row(ds: datasets.Dataset) -> int:
 
     if len(ds) == 0:
         return 0
-    column = ds.data.column("input_ids")
+    column = ds.data.column(TOKENS_COLUMN)
     return int(pc.max(pc.list_value_length(column)).as_py())
 
 
@@ -188,7 +186,7 @@ def row_to_example(input_ids: list[int], doc_lens: list[int], document_masking: 
 def collate(rows: list[dict], pad_id: int, document_masking: bool, pose: PoseSpec | None = None,
             stream_positions: list[int] | None = None) -> MicroBatch:
     """`stream_positions` (the rows' places in the data stream) seed PoSE's skips."""
-    examples = [row_to_example(r["input_ids"], r["doc_lens"], document_masking, r.get("loss_mask"),
+    examples = [row_to_example(r[TOKENS_COLUMN], r[DOC_LENS_COLUMN], document_masking, r.get(LOSS_MASK_COLUMN),
                                (pose, pose.rng(stream_positions[i])) if pose else None)
                 for i, r in enumerate(rows)]
     width = max(len(ids) for ids, _, _ in examples)

@@ -14,13 +14,13 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from longtune.data_prep.user_error import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ExtensionError(ValueError):
+class ExtensionError(UserError, ValueError):
     """Extension settings that cannot be applied to this model."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,13 @@
-"""Run one child command (torchrun, or a nested `longtune train`) so that nothing outlives the parent.
+"""Processes under a launcher: the one home of starting torchrun, of what a launcher adds, and of leaving.
 
-`run_child(cmd, env)` is what every relaunching command uses (`longtune train`, `eval --sp`, `parity` through
-`cli.relaunch_under_torchrun`; `demo` for its training runs):
+- `relaunch_under_torchrun(nproc, module, argv)`: a command the user started for `nproc` > 1 processes
+  (`torchrun_needed`: no launcher set WORLD_SIZE) runs `module` on them under torchrun (`longtune train`,
+  `eval --sp`, `parity`);
+- `strip_launcher_args`: drops the `--local_rank` that the deepspeed launcher appends;
+- `leave(code)`: a launched rank leaves without the C++ destructors (gloo can abort in them at exit).
+
+`run_child(cmd, env)` runs one child command (torchrun, or a nested `longtune train` of `demo`) so that
+nothing outlives the parent:
 
 - the child starts in its own session, so a terminal's Ctrl-C reaches this process only; SIGINT, SIGTERM
   and SIGHUP are forwarded to the child once, as SIGTERM (torchrun passes it on to its workers and waits
@@ -20,10 +26,13 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from longtune.data_prep.user_error import UserError
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_GRACE_S = 40.0
@@ -47,14 +56,12 @@ _EXEC_WITH_PDEATHSIG = (
 )
 
 
-class ChildInterrupted(RuntimeError):
+class ChildInterrupted(UserError, RuntimeError):
     """A signal stopped this process and its child; every process under it has exited."""
-
-    user_facing = True
 
     def __init__(self, signum: int, child_code: int) -> None:
         self.signum = signum
-        self.code = 128 + signum
+        self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         super().__init__(f"interrupted by {name}: stopped every process it started (child exit "
                          f"{_describe(child_code)})")
@@ -192,6 +199,72 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+class TorchrunStopped(UserError, RuntimeError):
+    """torchrun itself was stopped by a signal (not one this process forwarded); its workers have exited."""
+
+    def __init__(self, signum: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"torchrun was stopped by {signal.Signals(signum).name}; every process it started "
+                         "has exited")
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, `accelerate launch`, `deepspeed`) started this process as one rank."""
+    return "WORLD_SIZE" in os.environ
+
+
+def torchrun_needed(nproc: int) -> bool:
+    """Whether this process must start the `nproc` processes itself: more than one, and no launcher did."""
+    return nproc > 1 and not launched()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def relaunch_under_torchrun(nproc: int, module: str, argv: list[str]) -> int:
+    """Run `python -m module ARGV` on `nproc` processes under torchrun and return its exit code. A signal to
+    this process stops all of them (`run_child`: `ChildInterrupted`, exit code 128 + signal)."""
+    # torchrun (`torchrun_main`: the same, without a Python traceback when it is stopped)
+    cmd = [sys.executable, "-m", "longtune.train.launch", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"longtune: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    code = run_child(cmd, env)
+    if code > 128 and code - 128 in {int(s) for s in signal.Signals}:  # torchrun itself was signalled
+        raise TorchrunStopped(code - 128)
+    return code
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local-rank N`, which the deepspeed launcher appends."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def leave(code: int) -> int:
+    """`code`, returned; a rank of a launched run with several processes leaves here instead, without the
+    C++ destructors: gloo + DDP can abort at interpreter exit after a successful run ("terminate called
+    without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def torchrun_main(argv: list[str]) -> int:

@@ -7,16 +7,8 @@ import time
 from pathlib import Path
 
 from longtune.parallel.backend import BackendSettings, create_backend
-from longtune.parallel.dims import (
-    all_reduce_max,
-    all_reduce_sum,
-    barrier,
-    init_process_group,
-    launched_world,
-)
-from longtune.parallel.pipeline import StageInputs
-from longtune.parallel.recompute import RecomputeSettings, activation_offload
-from longtune.parallel.tiling import lm_head_computes_loss
+from longtune.parallel.dims import all_reduce_max, barrier, init_process_group, launched_world
+from longtune.parallel.layout import Layout
 from longtune.parallel.watchdog import start_watchdog
 
 from .checkpoint import (
@@ -26,46 +18,24 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .data import IGNORE_INDEX
 from .export import export_hf_model
 from .loss import token_loss_sum
 from .metrics import RunLogger, peak_memory_gib
 from .recipe import Recipe
+from .recipe_layout import layout_from_recipe
 from .run_setup import setup_run
 from .schedule import LRSchedule
 
 log = logging.getLogger("longtune")
 
 
-def offload_dir(recipe: Recipe) -> str | None:
-    """The disk tier's directory (None: host memory); every process makes its own sub-directory in it."""
-    off = recipe.memory.offload
-    if off.tier != "disk":
-        return None
-    return off.dir or str(Path(recipe.train.output_dir) / "offload")
-
-
-def backend_settings(recipe: Recipe, grad_accum: int) -> BackendSettings:
-    tr, par, mem = recipe.train, recipe.parallel, recipe.memory
-    return BackendSettings(
-        lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps, weight_decay=tr.weight_decay, grad_clip=tr.grad_clip,
-        lr_multiplier=LRSchedule(tr.max_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio),
-        grad_accum=grad_accum, micro_batch_size=tr.micro_batch_size,
-        bf16=recipe.model.dtype == "bfloat16", fsdp=par.fsdp, zero_stage=par.deepspeed.zero_stage,
-        offload_optimizer=mem.offload.optimizer, offload_params=mem.offload.params,
-        optimizer_swap=mem.offload.optimizer_swap,
-        optimizer_swap_dir=offload_dir(recipe) if mem.offload.optimizer_swap else None,
-        gradient_offload=mem.offload.gradients,
-        gradient_offload_dir=offload_dir(recipe) if mem.offload.gradients else None,
-        deepspeed_config=par.deepspeed.config,
-        recompute=RecomputeSettings(mem.recompute, mem.recompute_every, tuple(mem.recompute_modules),
-                                    offload_checkpoints=mem.offload.checkpoints,
-                                    offload_dir=offload_dir(recipe) if mem.offload.checkpoints else None,
-                                    tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
-                                    tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0),
-        tp_sequence_parallel=par.tp_sequence_parallel,
-        pp_schedule=par.pp_schedule, pp_stages_per_rank=par.stages_per_rank,
-    )
+def backend_settings(recipe: Recipe) -> BackendSettings:
+    """The optimizer and LR schedule the recipe asks for (the rest of what a backend needs is the Layout)."""
+    tr = recipe.train
+    return BackendSettings(lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps, weight_decay=tr.weight_decay,
+                           grad_clip=tr.grad_clip,
+                           lr_multiplier=LRSchedule(tr.max_steps, tr.warmup_steps, tr.schedule, tr.min_lr_ratio),
+                           deepspeed_config=recipe.parallel.deepspeed.config)
 
 
 def run_training(recipe: Recipe) -> Path:
@@ -82,82 +52,41 @@ def run_training(recipe: Recipe) -> Path:
 
 
 def _train(recipe: Recipe, run) -> Path:
-    rank, world, dims, device, tr = run.rank, run.world, run.dims, run.device, recipe.train
-    dp, sp, batches, tokenizer, config = dims.dp, recipe.parallel.sp, run.batches, run.tokenizer, run.config
+    tr, device = recipe.train, run.device
     run_dir = Path(tr.output_dir)
-
-    backend = create_backend(recipe.parallel.backend, backend_settings(recipe, batches.grad_accum), dims,
-                             device, run.build_model)
-
-    start_step, tokens_seen = 0, 0
-    layout = checkpoint_layout(recipe, world)
-    found = latest_checkpoint(run_dir) if tr.resume else None
-    if found is not None:
-        check_resumable(found[1], layout)
-        state = load_checkpoint(found[1], backend)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-
-    if rank == 0:
+    layout = layout_from_recipe(recipe, run.world)
+    backend = create_backend(recipe.parallel.backend, backend_settings(recipe), layout, run.dims, device,
+                             run.build_model)
+    resume_layout = checkpoint_layout(recipe, run.world)
+    start_step, tokens_seen, found = _resume(run_dir, backend, resume_layout) if tr.resume else (0, 0, None)
+    if run.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        run.tokenizer.save_pretrained(run_dir / "tokenizer")
     barrier()
-
-    logger = RunLogger(run_dir, enabled=rank == 0, total_steps=tr.max_steps, start_step=start_step,
+    logger = RunLogger(run_dir, enabled=run.rank == 0, total_steps=tr.max_steps, start_step=start_step,
                        progress=tr.progress, wandb_mode=tr.wandb.mode, wandb_project=tr.wandb.project,
                        wandb_name=tr.wandb.name, config=recipe.model_dump(mode="json"))
     if found is not None:
-        logger.message(f"resumed from {found[1]} at step {start_step}")
-    sp_text = f", sp {sp.ring}×{sp.ulysses} (ring × ulysses, {sp.layout})" if dims.sp > 1 else ""
-    sp_text += f", tp {dims.tp}" if dims.tp > 1 else ""
-    if dims.pp > 1:
-        stages = f" × {recipe.parallel.stages_per_rank} stages" if recipe.parallel.stages_per_rank > 1 else ""
-        sp_text += f", pp {dims.pp}{stages} ({recipe.parallel.pp_schedule})"
-    logger.message(f"world {world} (dp {dp}{sp_text}), backend {recipe.parallel.backend}, device {device.type}, "
-                   f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
-                   f"{batches.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")
+        logger.message(f"resumed from {found} at step {start_step}")
+    logger.message(describe_run(recipe, layout, run.world, device))
 
     backend.train_mode()
-    # Under pipeline parallelism the last stage computes the loss: its ranks report loss and tokens.
-    reports = dims.coordinate(rank, "pp") == dims.pp - 1
     last = None
     for step in range(start_step, tr.max_steps):
         started = time.perf_counter()
-        micro = [run.model_inputs(mb) for mb in batches.for_step(step)]
-        local_tokens = sum(real for _, _, real in micro)
-        count, = all_reduce_sum([sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in micro)], device)
-        # Every tp rank and pipeline stage of a replica holds the same rows: the world sum counts them
-        # tp × pp times.
-        count /= dims.tp * dims.pp
         lr = backend.lr
-        scale = backend.loss_multiplier / max(count, 1.0)
-        if dims.pp > 1:
-            # The schedule runs forward and backward of every micro-batch through the stages.
-            with activation_offload(recipe.memory.offload.activations):
-                local_loss = backend.pipeline_step([StageInputs(inputs, labels) for inputs, labels, _ in micro],
-                                                   token_loss_sum, scale)
-        else:
-            local_loss = 0.0
-            for i, (inputs, labels, _) in enumerate(micro):
-                # Tiled loss: the model's lm_head returns the loss sum itself, computed in chunks (tiling.py).
-                tiled = recipe.memory.tiled_loss
-                with (activation_offload(recipe.memory.offload.activations),
-                      lm_head_computes_loss(labels if tiled else None, token_loss_sum)):
-                    out = backend.forward(**inputs)
-                loss_sum = out if tiled else token_loss_sum(out, labels)
-                backend.backward(loss_sum * scale, last_micro_batch=i == len(micro) - 1)
-                local_loss += loss_sum.item()
+        totals = backend.run_micro_batches([run.model_inputs(mb) for mb in run.batches.for_step(step)],
+                                           token_loss_sum)
         grad_norm = backend.step()
-        reported = [local_loss, float(local_tokens)] if reports else [0.0, 0.0]
-        loss_total, tokens = (v / dims.tp for v in all_reduce_sum(reported, device))
         elapsed = time.perf_counter() - started
-        tokens_seen += int(tokens)
-        if count == 0:
-            log.warning("step %d has no counted tokens (every label is ignored): loss 0, no update",
-                        step + 1)
+        tokens_seen += int(totals.real_tokens)
+        if totals.counted_tokens == 0:
+            log.warning("step %d has no counted tokens (every label is ignored): loss 0, no update", step + 1)
         last = {
-            "step": step + 1, "loss": loss_total / max(count, 1.0), "lr": lr, "grad_norm": grad_norm,
-            "tokens": int(tokens), "tokens_seen": tokens_seen, "tokens_per_s": tokens / elapsed,
+            "step": step + 1, "loss": totals.loss_sum / max(totals.counted_tokens, 1.0), "lr": lr,
+            "grad_norm": grad_norm, "tokens": int(totals.real_tokens), "tokens_seen": tokens_seen,
+            "tokens_per_s": totals.real_tokens / elapsed,
             "peak_mem_gib": all_reduce_max(peak_memory_gib(device), device), "step_time_s": elapsed,
         }
         logger.log_step(last)
@@ -165,18 +94,45 @@ def _train(recipe: Recipe, run) -> Path:
         if done == tr.max_steps or (tr.save_every and done % tr.save_every == 0):
             save_checkpoint(run_dir, done, backend,
                             {"tokens_seen": tokens_seen, "data_position": done * tr.global_batch_size,
-                             "layout": layout},
+                             "layout": resume_layout},
                             keep=tr.keep_checkpoints)
-
     if tr.export:
-        state_dict = backend.full_state_dict()
-        if rank == 0:
-            out = export_hf_model(state_dict, config, tokenizer, run_dir / "model")
-            logger.message(f"exported {out}")
-        barrier()
+        _export(backend, run, run_dir, logger)
     logger.close()
     if last is not None:
         logger.message(f"done: {last['step']} steps, last loss {last['loss']:.4f}, "
                        f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_mem_gib']:.2f} GiB/rank; "
                        f"run dir {run_dir}")
     return run_dir
+
+
+def _resume(run_dir: Path, backend, resume_layout: dict) -> tuple[int, int, Path | None]:
+    """(first step, tokens seen, checkpoint) from the newest complete checkpoint; (0, 0, None) without one."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return 0, 0, None
+    check_resumable(found[1], resume_layout)
+    state = load_checkpoint(found[1], backend)
+    return state["step"], state["tokens_seen"], found[1]
+
+
+def _export(backend, run, run_dir: Path, logger: RunLogger) -> None:
+    """Collective: the HF model dir (safetensors) under run_dir/model, written by rank 0."""
+    state_dict = backend.full_state_dict()
+    if run.rank == 0:
+        out = export_hf_model(state_dict, run.config, run.tokenizer, run_dir / "model", run.recipe.train.export_dtype)
+        logger.message(f"exported {out}")
+    barrier()
+
+
+def describe_run(recipe: Recipe, layout: Layout, world: int, device) -> str:
+    """The run's first line: world, degrees, backend, device, rows and micro-batches per step."""
+    sp, tr = recipe.parallel.sp, recipe.train
+    text = f", sp {sp.ring}×{sp.ulysses} (ring × ulysses, {sp.layout})" if layout.sp > 1 else ""
+    text += f", tp {layout.tp}" if layout.tp > 1 else ""
+    if layout.pp > 1:
+        stages = f" × {layout.pp_stages_per_rank} stages" if layout.pp_stages_per_rank > 1 else ""
+        text += f", pp {layout.pp}{stages} ({layout.pp_schedule})"
+    return (f"world {world} (dp {layout.dp}{text}), backend {recipe.parallel.backend}, device {device.type}, "
+            f"{tr.global_batch_size} rows × {tr.seq_len} tokens per step, "
+            f"{layout.grad_accum} micro-batch(es) of {tr.micro_batch_size} per rank")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from longtune.data_prep.user_error import UserError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -44,10 +46,8 @@ def shipped_model_dir(name: str) -> Path:
     return RECIPES_DIR / "models" / name
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """The model named in the recipe cannot be found or used."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from longtune.data_prep.user_error import UserError
+
 from .checkpoint import checkpoint_root, remove_stale_checkpoint_dirs, set_aside_corrupt_checkpoints
 
 LOCK_FILE = ".lock"
@@ -33,10 +35,8 @@ _held: list = []
 """Open lock files: the lock lasts as long as this process."""
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run dir this run may not use."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def lock_run_dir(output_dir: Path) -> None:

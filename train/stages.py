@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtune.data_prep.atomic_write import atomic_write
+from longtune.data_prep.user_error import UserError
 from longtune.parallel.dims import barrier, launched_world
 
 from .model import build_config, resolve_model_source
@@ -31,10 +32,8 @@ _RUN_CONTROL_KEYS = ("progress", "resume", "overwrite", "wandb")
 """train.* keys that do not change what a stage trains: a stage completed under other values still counts."""
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage that stops the run: a failed gate, or a completed stage whose recipe has changed."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def _say(text: str) -> None:
@@ -55,7 +54,7 @@ def chained_recipe(stage: Recipe, previous_run: Path, rope: dict[str, Any]) -> R
     data = stage.model_dump(mode="json")
     data["model"]["name_or_path"] = str(previous_run / "model")
     overrides = dict(data["model"]["config_overrides"])
-    if stage.extension.method != "none":
+    if stage.extension.enabled:
         overrides.update(rope)
     else:
         for key in rope:
@@ -77,9 +76,8 @@ def read_stage_state(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_stage_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / f".{STAGE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, run_dir / STAGE_FILE)
+    with atomic_write(run_dir / STAGE_FILE) as handle:
+        handle.write(json.dumps(state, indent=1))
 
 
 def gate_length(gate: StageGateSection, stage: Recipe) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from longtune.data_prep.user_error import UserError
+
 EMBEDDED_VOCAB_SIZE = 2048
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -52,10 +54,8 @@ def embedded_tokenizer(vocab_size: int = EMBEDDED_VOCAB_SIZE) -> PreTrainedToken
     return PreTrainedTokenizerFast(tokenizer_object=fast, **SPECIAL_TOKENS)
 
 
-class TokenizerSourceError(ValueError):
+class TokenizerSourceError(UserError, ValueError):
     """A `model.tokenizer` that is not on this machine."""
-
-    user_facing = True  # the CLI prints it as one error line, without a traceback
 
 
 def check_tokenizer_source(source: str | None) -> None:
@@ -69,8 +69,8 @@ def check_tokenizer_source(source: str | None) -> None:
                                    "tokenizer.json file; longtune does not download")
 
 
-def load_tokenizer(source: str | None, model_dir: str | None, trust_remote_code: bool = False
-                   ) -> PreTrainedTokenizerBase:
+def load_run_tokenizer(source: str | None, model_dir: str | None, trust_remote_code: bool = False
+                       ) -> PreTrainedTokenizerBase:
     """`source` (a dir or tokenizer.json) if given, else the model dir's tokenizer, else the embedded one.
     Local files only: nothing is fetched from the Hub."""
     if source is not None:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from longtune.data_prep.user_error import UserError
+
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input (model dir, lengths, depths, tasks)."""
-
-    user_facing = True
 
 
 @dataclass
@@ -39,7 +39,7 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "float3
         raise EvalError(f"model dir {str(path)!r} does not exist or has no config.json")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_model_dir_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                  attn_implementation=attn_implementation)
     model.to(device).eval()
@@ -50,7 +50,8 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "float3
                        torch.device(device))
 
 
-def load_tokenizer(model_dir: Path):
+def load_model_dir_tokenizer(model_dir: Path):
+    """The HF tokenizer saved with the model in `model_dir`; a loader failure is one EvalError line."""
     from transformers import AutoTokenizer
 
     try:

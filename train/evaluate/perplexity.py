@@ -17,17 +17,35 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from longtune.parallel.sharding import IGNORE_INDEX
+
 from .common import LoadedModel, text_tokens
 
 PROTOCOLS = ("single_window", "sliding")
 
 
+NLL_CHUNK_LOGITS = 1 << 26
+"""Logits that exist at once while a window is scored (256 MiB in fp32): the lm_head and the log-softmax run
+over chunks of positions, so a long window never holds its whole [length, vocab] logits."""
+
+
 @torch.no_grad()
+def chunked_token_nll(model, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """NLL (float64) of `labels` [n] (0 where IGNORE_INDEX) at the first n positions of a batch-1 forward of
+    `inputs`: the decoder's hidden states through the lm_head in chunks of positions (the logits of the model's
+    own forward, one chunk at a time)."""
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[0, :labels.shape[0]]
+    head = model.get_output_embeddings()
+    step = max(1, NLL_CHUNK_LOGITS // head.weight.shape[0])
+    return torch.cat([F.cross_entropy(head(hidden[i:i + step]).float(), labels[i:i + step],
+                                      ignore_index=IGNORE_INDEX, reduction="none").double()
+                      for i in range(0, labels.shape[0], step)])
+
+
 def token_nll(model, ids: list[int], device) -> torch.Tensor:
     """NLL of ids[1:] given their prefix inside this window, float64 on CPU (len(ids) − 1 values)."""
     x = torch.tensor([ids], device=device)
-    logits = model(x, use_cache=False).logits[0, :-1].float()
-    return F.cross_entropy(logits, x[0, 1:], reduction="none").double().cpu()
+    return chunked_token_nll(model, x[0, 1:], input_ids=x).cpu()
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -2,7 +2,8 @@
 attention goes through the `longtune_sp` ring / Ulysses attention, and the token NLL is summed over ranks.
 
 The window is padded to the layout's multiple with ignored labels (as in training), so any length runs;
-no rank builds an L×L mask or holds the logits of more than its own L/N tokens.
+no rank builds an L×L mask or holds the logits of more than its own L/N tokens (and those in chunks of positions:
+`perplexity.chunked_token_nll`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from longtune.parallel.dims import (
     ParallelDims,
@@ -20,11 +20,11 @@ from longtune.parallel.dims import (
     init_process_group,
     launched_world,
 )
+from longtune.parallel.layout_rules import attention_heads, kv_heads_problem
 from longtune.parallel.sharding import IGNORE_INDEX
-from longtune.parallel.ulysses import replicate_kv_heads
 
 from .common import LoadedModel
-from .perplexity import WindowScore
+from .perplexity import WindowScore, chunked_token_nll
 
 SP_IMPLS = ("ulysses", "ring", "zigzag")
 """`--sp-impl`: Ulysses all-to-all over heads, or ring attention with contiguous (`ring`) or causal-balanced
@@ -41,13 +41,10 @@ def sp_degrees(impl: str, degree: int) -> tuple[int, int, str]:
 def sp_problem(config, impl: str, degree: int) -> str | None:
     """Why `config`'s model cannot run `--sp DEGREE --sp-impl IMPL`, or None."""
     _, ulysses, _ = sp_degrees(impl, degree)
-    if ulysses > 1:
-        try:
-            replicate_kv_heads(getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                               config.num_attention_heads, ulysses)
-        except ValueError as exc:
-            return f"--sp {degree} --sp-impl ulysses: {exc} (--sp-impl zigzag or ring split the sequence, " \
-                   "not the heads)"
+    problem = kv_heads_problem(*attention_heads(config), ulysses)
+    if problem:
+        return f"--sp {degree} --sp-impl ulysses: {problem} (--sp-impl zigzag or ring split the sequence, " \
+               "not the heads)"
     return None
 
 
@@ -80,12 +77,9 @@ class SequenceParallelEval:
             shard = shard_micro_batch(x, labels, torch.arange(len(ids))[None], torch.ones_like(x, dtype=torch.bool),
                                       dims=self.dims, rank=self.rank, layout=self.layout,
                                       pad_id=lm.tokenizer.pad_token_id or 0, groups=self.groups)
-            with torch.no_grad():
-                logits = lm.model(input_ids=shard.input_ids.to(lm.device),
-                                  position_ids=shard.position_ids.to(lm.device),
-                                  sp_context=shard.context, use_cache=False).logits[0].float()
             local = shard.labels[0].to(lm.device)
-            nll = F.cross_entropy(logits, local, ignore_index=IGNORE_INDEX, reduction="none").double()
+            nll = chunked_token_nll(lm.model, local, input_ids=shard.input_ids.to(lm.device),
+                                    position_ids=shard.position_ids.to(lm.device), sp_context=shard.context)
             total, count = all_reduce_sum([float(nll.sum()), float((local != IGNORE_INDEX).sum())],
                                           torch.device(lm.device))
             return total, int(count)

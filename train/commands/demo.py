@@ -24,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import error_raising_parser
-from .evaluate.common import EvalError
-from .launch import ChildInterrupted
+from longtune.data_prep.atomic_write import atomic_write
+
+from ..evaluate.common import EvalError
+from ..launch import ChildInterrupted, run_child
+from . import command_main, error_raising_parser
 
 METHODS = ("pi", "yarn")
 BASE_MODEL = "tiny-base-256"
@@ -63,7 +65,7 @@ def prep_corpus(output: Path, tokenizer_dir: Path, original: int, target: int) -
 
     from longtune.data_prep.api import PrepError, config_from_dict, prepare_corpus
 
-    from .recipe import RECIPES_DIR
+    from ..recipe import RECIPES_DIR
 
     data = yaml.safe_load((RECIPES_DIR / "prep" / "demo-extend.yaml").read_text())
     data.update(output=str(output), tokenizer=str(tokenizer_dir), seq_len=target, overwrite=True)
@@ -88,10 +90,10 @@ def eval_lengths(original: int, target: int) -> list[int]:
 def perplexity_text_count(model_dir: Path, target: int, most: int = 4) -> int:
     """How many texts of `target` tokens the held-out documents give, at most `most` (eval deals the
     documents out to the texts one by one, so each text must reach the length on its own)."""
-    from .evaluate.common import load_tokenizer, long_text_documents
-    from .evaluate.perplexity import perplexity_texts
+    from ..evaluate.common import load_model_dir_tokenizer, long_text_documents
+    from ..evaluate.perplexity import perplexity_texts
 
-    tokenizer, documents = load_tokenizer(model_dir), long_text_documents()
+    tokenizer, documents = load_model_dir_tokenizer(model_dir), long_text_documents()
     for count in range(most, 0, -1):
         try:
             perplexity_texts(tokenizer, documents, count, target)
@@ -107,11 +109,12 @@ def _stage(title: str) -> None:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    """Run a stage's command; a signal to the demo stops it (`launch.run_child`: ChildInterrupted)."""
-    from .launch import run_child
-
+    """Run a stage's command; a signal to the demo stops it and ends the demo with exit code 128 + signal."""
     started = time.perf_counter()
-    code = run_child(cmd, os.environ.copy())
+    try:
+        code = run_child(cmd, os.environ.copy())
+    except ChildInterrupted as exc:  # the stopped `longtune train` has said so on its own error line
+        raise SystemExit(exc.exit_code) from None
     if code != 0:
         raise DemoError(f"{what} failed (exit {code}): {' '.join(cmd)}")
     print(f"   {what}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -122,10 +125,12 @@ def _longtune(*args: str) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from .evaluate.cli import evaluate
-    from .evaluate.report import write_report
-    from .model import resolve_model_source
-    from .recipe import RECIPES_DIR
+    from longtune.parallel.layout_rules import ulysses_heads_problem
+
+    from ..evaluate.report import write_report
+    from ..evaluate.suite import evaluate
+    from ..model import resolve_model_source
+    from ..recipe import RECIPES_DIR
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -138,9 +143,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise DemoError(f"--target-length {args.target_length} must exceed the base model's "
                         f"{original} positions")
     heads = int(config["num_attention_heads"])
-    if heads % args.nproc:
-        raise DemoError(f"--nproc {args.nproc}: Ulysses sequence parallelism splits the base model's {heads} "
-                        f"attention heads over the processes; use a divisor of {heads}")
+    problem = ulysses_heads_problem(heads, int(config.get("num_key_value_heads") or heads), args.nproc)
+    if problem:  # the extend stage trains with parallel.sp.ulysses = --nproc
+        raise DemoError(f"--nproc {args.nproc}: {problem}; use a divisor of {heads}")
     ppl_texts = perplexity_text_count(base_dir, args.target_length)  # before any work: enough held-out text?
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +243,7 @@ def write_comparison(summary: dict, results: dict, out: Path, original: int) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate.report import _grid
+    from ..evaluate.report import _grid
 
     names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
@@ -254,10 +259,9 @@ def write_comparison(summary: dict, results: dict, out: Path, original: int) -> 
         ax.set_xlabel("context length")
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
-    tmp = out / ".passkey_heatmaps.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(out / "passkey_heatmaps.png", "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out / "passkey_heatmaps.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
@@ -270,36 +274,22 @@ def write_comparison(summary: dict, results: dict, out: Path, original: int) -> 
     ax.set_ylabel("perplexity (single window)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / ".perplexity.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(out / "perplexity.png", "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out / "perplexity.png")
     for name, text in (("results.md", comparison_markdown(summary)),
                        ("results.json", json.dumps(summary, indent=2) + "\n")):
-        tmp = out / f".{name}"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        with atomic_write(out / name) as handle:
+            handle.write(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        if args.trials < 1 or args.nproc < 1:
-            raise DemoError("--trials and --nproc must be at least 1")
-        summary = run_demo(args)
-    except EvalError as exc:
-        print(f"longtune: error: {exc}", file=sys.stderr)
-        return 2
-    except ChildInterrupted as exc:  # the stopped `longtune train` has said so on its own error line
-        return exc.code
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+@command_main
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.trials < 1 or args.nproc < 1:
+        raise DemoError("--trials and --nproc must be at least 1")
+    summary = run_demo(args)
     print()
     print(comparison_markdown(summary))
     print(f"wrote {Path(args.out) / 'results.md'}, passkey_heatmaps.png, perplexity.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

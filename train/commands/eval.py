@@ -9,17 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tqdm import tqdm
+from longtune.parallel.dims import barrier
 
-from ..cli import error_raising_parser
-from .common import EvalError, load_model, load_tokenizer, long_text_documents
-from .perplexity import PROTOCOLS, perplexity_texts
-from .sequence_parallel import SP_IMPLS, join_sequence_parallel, sp_problem
+from ..evaluate.common import EvalError, load_model_dir_tokenizer, long_text_documents
+from ..evaluate.perplexity import PROTOCOLS, perplexity_texts
+from ..evaluate.sequence_parallel import SP_IMPLS, sp_problem
+from ..evaluate.suite import default_lengths, evaluate
+from ..launch import relaunch_under_torchrun, torchrun_needed
+from . import command_main, error_raising_parser
 
 TASKS = ("passkey", "needle", "ppl")
 SP_TASKS = ("ppl",)
@@ -134,69 +134,8 @@ def _check_before_launch(v: dict, args) -> None:
     if problem:
         raise EvalError(problem)
     lengths = v["lengths"] or default_lengths(config.max_position_embeddings)
-    perplexity_texts(load_tokenizer(v["model_dir"]), v["texts"] or long_text_documents(), args.ppl_texts,
+    perplexity_texts(load_model_dir_tokenizer(v["model_dir"]), v["texts"] or long_text_documents(), args.ppl_texts,
                      max(lengths))
-
-
-def default_lengths(max_positions: int) -> list[int]:
-    """M/4, M/2, M, 2M (at least 128 tokens each) for M = max_position_embeddings."""
-    m = max_positions
-    return sorted({n for n in (m // 4, m // 2, m, 2 * m) if n >= 128})
-
-
-def evaluate(model_dir: Path, lengths: list[int] | None, depths: list[float], tasks: list[str],
-             protocols: list[str], trials: int, ppl_texts: int, stride: int, texts: list[str] | None,
-             seed: int, device: str, dtype: str, progress: bool, sp: int = 1, sp_impl: str = "zigzag",
-             passkey_keys: str = "number") -> dict:
-    """The results of `tasks`; with `sp` > 1 (perplexity only) on each of the `sp` launched processes."""
-    from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
-
-    from .needle import run_needle
-    from .passkey import build_prompt, run_passkey
-    from .perplexity import run_perplexity
-
-    sp_eval = join_sequence_parallel(sp_impl, sp, device) if sp > 1 else None
-    lm = load_model(model_dir, sp_eval.device if sp_eval else device, dtype,
-                    attn_implementation=ATTN_IMPLEMENTATION if sp_eval else None)
-    if sp_eval:
-        from longtune.parallel.sp_rope import apply_length_aware_rope
-
-        apply_length_aware_rope(lm.model, sp_eval.groups)
-    lengths = lengths or default_lengths(lm.max_position_embeddings)
-    documents = texts if texts is not None else long_text_documents()
-    if "passkey" in tasks:  # fail before any work if the smallest length cannot hold the prompt
-        build_prompt(lm.tokenizer, min(lengths), 0.0, 50000)
-    n_ppl = ppl_texts * len(lengths) * len(protocols) if "ppl" in tasks else 0
-    total = (trials * len(lengths) * len(depths) if "passkey" in tasks else 0) + \
-        (len(lengths) * len(depths) if "needle" in tasks else 0) + n_ppl
-    bar = tqdm(total=total, desc="longtune eval", unit="step", disable=not progress, file=sys.stderr)
-    results: dict = {
-        "model": {"dir": str(model_dir), "max_position_embeddings": lm.max_position_embeddings,
-                  "original_length": lm.original_length, "rope_parameters": lm.rope_parameters},
-        "lengths": lengths, "depths": depths, "seed": seed,
-        "text_source": "user files" if texts is not None else
-        "held-out embedded documents (in no shipped training corpus)",
-    }
-    started = time.perf_counter()
-    try:
-        if "passkey" in tasks:
-            bar.set_postfix_str("passkey")
-            results["passkey"] = run_passkey(lm, lengths, depths, trials, seed, progress=bar.update,
-                                             key_form=passkey_keys)
-        if "needle" in tasks:
-            bar.set_postfix_str("needle")
-            results["needle"] = run_needle(lm, lengths, depths, documents, progress=bar.update)
-        if "ppl" in tasks:
-            bar.set_postfix_str("perplexity")
-            ppl = run_perplexity(lm, lengths, protocols, documents, ppl_texts, stride, progress=bar.update,
-                                 score=sp_eval.window_score(lm) if sp_eval else None)
-            if sp_eval:
-                ppl["protocols"] = {k: f"{v}; {sp_eval.note}" for k, v in ppl["protocols"].items()}
-            results["perplexity"] = ppl
-    finally:
-        bar.close()
-    results["seconds"] = round(time.perf_counter() - started, 2)
-    return results
 
 
 def _summary(results: dict) -> str:
@@ -214,25 +153,21 @@ def _summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .report import write_report
+@command_main(rank_zero_reports=True)  # every rank meets the same bad input: one line, from rank 0
+def main(argv: list[str]) -> int:
+    from ..evaluate.report import write_report
 
-    argv = sys.argv[1:] if argv is None else argv
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        args = build_parser().parse_args(argv)
-        v = _validate(args)
-        if args.sp > 1 and "WORLD_SIZE" not in os.environ:
-            from longtune.train.cli import relaunch_under_torchrun
-
-            _check_before_launch(v, args)
-            return relaunch_under_torchrun(args.sp, argv, module="longtune.train.evaluate.cli")
-        results = evaluate(v["model_dir"], v["lengths"], v["depths"], v["tasks"], v["protocols"], args.trials,
-                           args.ppl_texts, args.stride, v["texts"], args.seed, args.device, args.dtype,
-                           progress=not args.no_progress and rank == 0, sp=args.sp, sp_impl=args.sp_impl,
-                           passkey_keys=args.passkey_keys)
-        if rank != 0:
-            return _leave(0, world)
+    rank = int(os.environ.get("RANK", "0"))
+    args = build_parser().parse_args(argv)
+    v = _validate(args)
+    if torchrun_needed(args.sp):
+        _check_before_launch(v, args)
+        return relaunch_under_torchrun(args.sp, "longtune.train.commands.eval", argv)
+    results = evaluate(v["model_dir"], v["lengths"], v["depths"], v["tasks"], v["protocols"], args.trials,
+                       args.ppl_texts, args.stride, v["texts"], args.seed, args.device, args.dtype,
+                       progress=not args.no_progress and rank == 0, sp=args.sp, sp_impl=args.sp_impl,
+                       passkey_keys=args.passkey_keys)
+    if rank == 0:
         out: Path = v["out"]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -244,29 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except EvalError as exc:
-        if rank == 0:  # every rank meets the same bad input: one line, from rank 0
-            print(f"longtune: error: {exc}", file=sys.stderr)
-        return _leave(2, world, synchronize=False)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    print(_summary(results))
-    print(f"wrote {', '.join(str(out / p.name) for p in written)} ({results['seconds']} s)")
-    return _leave(0, world)
+        print(_summary(results))
+        print(f"wrote {', '.join(str(out / p.name) for p in written)} ({results['seconds']} s)")
+    barrier()  # under a launcher: every rank waits until rank 0 has written the output
+    return 0
 
 
-def _leave(code: int, world: int, synchronize: bool = True) -> int:
-    """The exit code; under a launcher, leave without the C++ destructors (gloo can abort in them at exit)."""
-    if world == 1:
-        return code
-    import torch.distributed as dist
-
-    if synchronize and dist.is_initialized():
-        dist.barrier()  # rank 0 has written the output
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # a rank of `longtune eval --sp N`
     raise SystemExit(main())
