@@ -172,6 +172,9 @@ def test_launcher_preflight_refuses_a_kernel_that_cannot_run():
     recipe = load_recipe("tiny-smoke", ["parallel.sp.kernel=torch_cuda_flash", "parallel.sp.ring=2"])
     with pytest.raises(RecipeError, match="torch_cuda_flash is not available on cpu|not float32"):
         preflight_model(recipe, 2)
+    # One process: the kernel is not used, but a kernel the recipe names and this machine lacks is still refused.
+    with pytest.raises(RecipeError, match="parallel.sp.kernel flash_attn"):
+        preflight_model(load_recipe("tiny-smoke", ["parallel.sp.kernel=flash_attn"]), 1)
 
 
 # -- multi-process parity through the fakes ---------------------------------------------------------------

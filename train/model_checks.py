@@ -64,8 +64,9 @@ def layout_problems(recipe: Recipe, config, plan, dims: ParallelDims, device_typ
     yield ulysses_heads_problem(*attention_heads(config), dims.sp_ulysses, dims.tp)
     grad_accum = tr.global_batch_size // (dims.dp * tr.micro_batch_size)
     yield pipeline_problem(config, dims.pp, par.stages_per_rank, par.pp_schedule, grad_accum)
-    if dims.sp > 1 or pose:  # attention goes through the ring and its block kernel
-        yield kernel_problem(par.sp.kernel, device_type, recipe.model.dtype, _head_dim(config))
+    # A named kernel is checked even where attention does not go through the ring (sp = 1, no PoSE): a kernel
+    # the recipe names but this machine cannot run is one error here, not a silent no-op.
+    yield kernel_problem(par.sp.kernel, device_type, recipe.model.dtype, _head_dim(config))
 
 
 def _head_dim(config) -> int:
