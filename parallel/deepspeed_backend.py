@@ -83,6 +83,49 @@ def load_deepspeed_config(settings: BackendSettings, layout: Layout, on_gpu: boo
     return config
 
 
+def build_zero3_model(build_model: ModelFactory, config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The model with its parameters partitioned as they are created (ZeRO-3 `zero.Init`): only rank 0
+    ever holds the full weights, on the host; the other ranks hold their partitions only.
+
+    transformers builds under `zero.Init` while an `HfDeepSpeedConfig` is alive (the way it loads pretrained
+    weights under ZeRO-3), but its initialization then differs from the seeded one of `build_model`. So rank 0
+    also builds the full model, and the partitioned one is filled from it: the weights are those of a model
+    built on one process.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init takes the world size from deepspeed.comm, which deepspeed.initialize would set up only later.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    full = build_model("cpu") if dist.get_rank() == 0 else None  # before the config below: unpartitioned
+    zero3 = HfDeepSpeedConfig(config)  # transformers builds under zero.Init while this object is alive
+    model = build_model(device)
+    del zero3
+    fill_from_rank0(model, full)
+    return model
+
+
+def fill_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None) -> None:
+    """Rank 0's weights (`full`; None on the other ranks) into a ZeRO-3-partitioned model of the same
+    structure: each parameter is gathered, written by rank 0 and re-partitioned (in DeepSpeed's dtype, as
+    `deepspeed.initialize` casts); the buffers, which DeepSpeed never partitions (RoPE `inv_freq`), are sent
+    whole, dtype included."""
+    import deepspeed
+
+    rank0 = dist.get_rank() == 0
+    full_params = dict(full.named_parameters(remove_duplicate=False)) if rank0 else {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank0:
+                param.data.copy_(full_params[name])
+    sent = [dict(full.named_buffers()) if rank0 else None]
+    dist.broadcast_object_list(sent, src=0)
+    for module_name, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = sent[0][f"{module_name}.{name}" if module_name else name].to(buf.device)
+
+
 class DeepSpeedBackend(TrainingBackend):
     def __init__(self, settings: BackendSettings, layout: Layout, dims: ParallelDims, device: torch.device,
                  build_model: ModelFactory) -> None:
@@ -93,7 +136,8 @@ class DeepSpeedBackend(TrainingBackend):
         from .parallelize import parallelize
 
         self.config = load_deepspeed_config(settings, layout, device.type == "cuda")
-        model, = parallelize(build_model(device), dims, layout, data_parallel="none", device=device)
+        built = build_zero3_model(build_model, self.config, device) if layout.zero_stage == 3 else build_model(device)
+        model, = parallelize(built, dims, layout, data_parallel="none", device=device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.config,

@@ -59,11 +59,25 @@ def build_mesh(dims: ParallelDims, device_type: str):
     One per (dims, device type) and process: the sequence-parallel groups of the run setup and the
     tensor-parallel and data-parallel sub-meshes of `parallelize()` come from the same mesh (FSDP2
     needs its mesh and the TP mesh to share a root) and its process groups are created once.
+
+    The mesh's groups get the default group's collective timeout (`train.collective_timeout_s`):
+    `init_device_mesh` creates them with torch's own default (30 minutes on gloo, 10 on NCCL) and takes
+    no timeout, so it is set on each group before its first collective (as torchtitan does).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = tuple(getattr(dims, name) for name in MESH_ORDER)
-    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_ORDER)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_ORDER)
+    timeout = group_timeout(None, device_type)
+    for name in MESH_ORDER:
+        mesh.get_group(name).set_timeout(timeout)
+    return mesh
+
+
+def group_timeout(group: dist.ProcessGroup | None, device_type: str) -> datetime.timedelta:
+    """The collective timeout of `group` (None: the default group) for tensors on `device_type`."""
+    group = group or dist.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device(device_type)).options._timeout
 
 
 def launched_world() -> tuple[int, int, int]:
