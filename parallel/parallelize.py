@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .dims import ParallelDims, build_mesh
+from .dims import ParallelDims, build_mesh, group_timeout
 from .layout import Layout
 from .pipeline import apply_stage_boundaries, split_stages
 from .recompute import apply_recompute
@@ -116,6 +116,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, layout: Layout, *, data_pa
         mesh = build_mesh(dims, device_type)
         if data_parallel != "none" and (dims.tp > 1 or dims.pp > 1):
             dp_mesh = mesh["dp", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
+            dp_mesh.get_group().set_timeout(group_timeout(None, device_type))  # the run's collective timeout
     # 1. sequence-parallel attention: the model's attention runs on its shard through the ring / Ulysses
     #    kernels (sp_attention.py; each forward receives its shard's SequenceParallelContext), and a
     #    length-dependent rope learns the whole sequence's length (sp_rope.py). A switch of the whole model,

@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import save_file
 
 from conftest import longtune, losses
-from longtune.parallel.sharding import padding_multiple
 from longtune.parallel.layout_rules import tensor_parallel_problem
+from longtune.parallel.sharding import padding_multiple
 from longtune.train.commands.train import preflight
 from longtune.train.extension import apply_extension, plan_extension
 from longtune.train.model import build_config, resolve_model_source

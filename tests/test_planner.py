@@ -1,4 +1,5 @@
-"""Memory model, time model and `longtune plan` (parallel/memory_model.py, time_model.py, planner.py, train/commands/plan.py)."""
+"""Memory model, time model and `longtune plan` (parallel/memory_model.py, time_model.py, planner.py,
+train/commands/plan.py)."""
 
 from __future__ import annotations
 

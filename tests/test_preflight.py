@@ -83,8 +83,8 @@ def test_a_truncated_safetensors_file_is_refused(tmp_path):
 def test_a_good_model_dir_passes_preflight():
     """The shipped model dir passes the file checks, and a layout that fits passes the layout rules."""
     from longtune.train.model import check_model_files, resolve_model_source
-    from longtune.train.recipe import load_recipe
     from longtune.train.model_checks import preflight_model
+    from longtune.train.recipe import load_recipe
 
     check_model_files(resolve_model_source("tiny-base-256"))
     preflight_model(load_recipe("tiny-smoke", ["parallel.sp.ulysses=2", "parallel.tp=2"]), 4)

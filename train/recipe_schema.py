@@ -19,9 +19,9 @@ from .recipe_sections import (
     MemorySection,
     ModelSection,
     ParallelSection,
+    Section,
     StageGateSection,
     TrainSection,
-    Section,
 )
 
 
