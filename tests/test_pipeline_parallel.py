@@ -40,6 +40,7 @@ def test_pp2_1f1b_curve_and_export_equal_one_process(reference_run, tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # CI time: pp 2 with 1F1B and pp × tp stay in the default suite
 def test_interleaved_1f1b_with_ring2_equals_one_process(four_layer_reference, tmp_path):
     # 4 layers → 4 stages, 2 per rank; 4 processes: each stage's sequence is split over a ring of 2 and
     # the stages exchange their shards.

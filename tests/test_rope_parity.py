@@ -40,7 +40,8 @@ def parity(method: str, *layout: str) -> str:
 
 
 @pytest.mark.parametrize("method,layout", [("longrope", ["parallel.sp.ring=2", "parallel.sp.ring_impl=ring"]),
-                                           ("dynamic", ["parallel.sp.ulysses=2"])],
+                                           pytest.param("dynamic", ["parallel.sp.ulysses=2"],
+                                                        marks=pytest.mark.slow)],  # CI time: the worker covers it
                          ids=["longrope-contiguous-ring2", "dynamic-ulysses2"])
 def test_length_dependent_rope_under_sequence_parallelism(method, layout):
     parity(method, *layout)
