@@ -76,6 +76,15 @@ DISK = ("memory.offload.tier=disk", "memory.offload.optimizer_swap=true",
 then the two norms of each layer as checkpoints nested in the layer's (their fp32 x·rsqrt is not kept); then each
 gradient from its accumulation in backward to the step."""
 
+CHUNK_TOKENS = 2048
+"""(d): each decoder layer runs on chunks of this many tokens (`memory.sequence_chunks` = length / this)."""
+
+CHUNKED = ("memory.recompute=full", "memory.tiled_loss=true", "memory.tiled_loss_chunk=256", "memory.tiled_mlp=true",
+           "memory.tiled_mlp_chunk=256", "memory.offload.checkpoints=true", "memory.offload.tier=disk",
+           "memory.offload.optimizer_swap=true", "memory.offload.gradients=true", "memory.sequence_chunks={chunks}")
+"""(d): every saver of the disk-tier row but the nested norm checkpoints (a chunk's norms are one chunk's), with
+sequence-chunked layers: keys/values and layer inputs in files, one chunk's working set per layer."""
+
 ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(a) stock HF: sdpa + gradient checkpointing", 1, ()),
     ("(b) longtune, nothing on", 1, ()),
@@ -89,6 +98,7 @@ ROWS: list[tuple[str, int, tuple[str, ...]]] = [
     ("(b) + gradient offload to disk = all on, disk tier", 1, (*ALL_ON, *DISK)),
     ("(c) all on, sp = 2 (Ulysses)", 2, (*ALL_ON, "parallel.sp.ulysses=2")),
     ("(c) all on, sp = 4 (Ulysses)", 4, (*ALL_ON, "parallel.sp.ulysses=4")),
+    ("(d) all on, disk tier, sequence chunks of 2,048 tokens", 1, CHUNKED),
 ]
 """(name, processes, longtune overrides); the first row is stock HF (no longtune)."""
 
@@ -124,6 +134,20 @@ def _vm_rss() -> int:
     raise RuntimeError("/proc/self/status has no VmRSS")
 
 
+IN_FLIGHT_MIB = "16"
+"""The offload tiers' bound on bytes in flight (written behind or read ahead; LONGTUNE_OFFLOAD_IN_FLIGHT_MIB). On
+a GPU they are host memory; here they are the process's own, so the bound is small."""
+
+
+def run_env() -> dict[str, str]:
+    return {**env("fixed"), "LONGTUNE_OFFLOAD_IN_FLIGHT_MIB": IN_FLIGHT_MIB}
+
+
+def resolved(overrides: tuple[str, ...], seq_len: int) -> list[str]:
+    """A row's overrides at `seq_len` (the chunk count of (d) follows the length)."""
+    return [o.format(chunks=max(1, seq_len // CHUNK_TOKENS)) for o in overrides]
+
+
 def measure(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: int, work: Path) -> dict:
     """One run of a row at `seq_len`: {'peak': max RSS above the process baseline (worst rank), 'baseline':
     resident bytes before the model is built, 'tokens_per_s': of the measured step}."""
@@ -134,12 +158,13 @@ def measure(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: int, wo
                "--stock-out", str(out)]
     else:
         config = json.dumps(model_config(hidden)).replace('"', "")
-        cmd = _launch(nproc, ["-m", "longtune.train", "tiny-smoke", *LONGTUNE_BASE, *overrides,
-                              f"model.config_overrides={config}", f"train.seq_len={seq_len}",
+        cmd = _launch(nproc, ["-m", "longtune.train", "tiny-smoke", *LONGTUNE_BASE, f"train.max_steps={STEPS[0]}",
+                              *resolved(overrides, seq_len), f"model.config_overrides={config}",
+                              f"train.seq_len={seq_len}",
                               f"train.output_dir={out}"])
         if nproc == 1:
             cmd = [sys.executable, *cmd[1:]]
-    proc = subprocess.run(cmd, env=env("fixed"), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=4 * 3600)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     if name.startswith("(a)"):
@@ -150,7 +175,8 @@ def measure(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: int, wo
     last = read_metrics(out)[-1]
     key = (nproc, overrides)
     if key not in _BASELINES:  # the same recipe stopped after setup_run (before the model), in its own process(es)
-        _BASELINES[key] = measure_baseline(nproc, (*LONGTUNE_BASE, *overrides, f"model.config_overrides={config}",
+        _BASELINES[key] = measure_baseline(nproc, (*LONGTUNE_BASE, *resolved(overrides, seq_len),
+                                                   f"model.config_overrides={config}",
                                                    f"train.seq_len={seq_len}"), work, "fixed")["rss"]
     rss = last["peak_mem_gib"] * 2**30
     return {"peak": rss - _BASELINES[key], "baseline": _BASELINES[key], "rss": rss,
@@ -158,6 +184,8 @@ def measure(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: int, wo
 
 
 _BASELINES: dict[tuple, int] = {}
+STEPS = [3]
+"""Optimizer steps of a longtune run (`--steps`)."""
 
 
 def predicted_peak(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: int) -> float | None:
@@ -170,7 +198,8 @@ def predicted_peak(row: tuple[str, int, tuple[str, ...]], hidden: int, seq_len: 
     from longtune.train.recipe_layout import layout_from_recipe, shape_for_recipe
 
     config = json.dumps(model_config(hidden)).replace('"', "")
-    recipe = load_recipe("tiny-smoke", [*LONGTUNE_BASE, *overrides, f"model.config_overrides={config}",
+    recipe = load_recipe("tiny-smoke", [*LONGTUNE_BASE, *resolved(overrides, seq_len),
+                                        f"model.config_overrides={config}",
                                         f"train.seq_len={seq_len}"])
     return memory_breakdown(shape_for_recipe(recipe), layout_from_recipe(recipe, nproc), seq_len,
                             host_is_device=True).peak_device
@@ -235,12 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--common-length", type=int, default=0,
                         help="tokens/s of every row at this length; default: (a)'s maximum")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--lengths", default="", help="comma-separated lengths: run the rows at these instead of "
+                        "searching (the longest that fits is the row's confirmed maximum, a lower bound)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of a longtune run (2: one process's "
+                        "second step already holds AdamW's state; the sp rows need 3, see LONGTUNE_BASE)")
     parser.add_argument("--stock", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stock-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stock:
         stock_step(args.hidden, args.stock, Path(args.stock_out))
         return 0
+    STEPS[0] = args.steps
+    fixed = tuple(int(n) for n in args.lengths.split(",") if n)
     wanted = {int(n) for n in args.only.split(",") if n}
     rows = [r for i, r in enumerate(ROWS) if not wanted or i in wanted]
     results = []
@@ -258,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             name, nproc, _ = row
             start = stock_max or args.stock_length
             probes = (start, 2 * start) if name.startswith("(a)") else (2 * start * nproc, 4 * start * nproc)
+            if fixed and not name.startswith("(a)"):
+                probes = fixed
             found = find_max_length(row, args.hidden, budget, probes, args.tolerance, work,
-                                    known=known if name.startswith("(a)") else None)
+                                    known=known if name.startswith("(a)") else None,
+                                    runs=len(fixed) if fixed and not name.startswith("(a)") else 7)
             if name.startswith("(a)"):
                 stock_max = found["max_length"]
             found.update(name=name, processes=nproc, overrides=list(row[2]))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LABELLED = ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "TiledMLP", "Linear", "LlamaRMSNorm", "Embedding")
+LABELLED = ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "TiledMLP", "Linear", "LlamaRMSNorm", "Embedding",
+            "SequenceChunkedLayer", "TiledLMHead", "DeferredNorm")
 
 
 def _sampled_worker(out_prefix: str, argv: list[str]) -> None:
@@ -86,10 +87,9 @@ def _sampled_worker(out_prefix: str, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import max_length as ml
-    from memory_model import env
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-11; default %(default)s)")
+    parser.add_argument("--row", type=int, default=5, help="row of max_length.ROWS (1-12; default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--top", type=int, default=8, help="labels shown per rank")
@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     config = json.dumps(ml.model_config(args.hidden)).replace('"', "")
     with tempfile.TemporaryDirectory(prefix="longtune-memory-phases-") as tmp:
         prefix = f"{tmp}/phases"
-        worker = [str(Path(__file__).resolve()), "--worker", prefix, "tiny-smoke", *ml.LONGTUNE_BASE, *overrides,
+        worker = [str(Path(__file__).resolve()), "--worker", prefix, "tiny-smoke", *ml.LONGTUNE_BASE,
+                  *ml.resolved(overrides, args.seq_len),
                   f"model.config_overrides={config}", f"train.seq_len={args.seq_len}", f"train.output_dir={tmp}/run"]
         launch = [sys.executable, *worker] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
-        done = subprocess.run(launch, env=env("fixed"), capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(launch, env=ml.run_env(), capture_output=True, text=True, timeout=1800)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode

@@ -66,7 +66,7 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for one micro-batch; with a tiled lm_head inside `lm_head_computes_loss`, its loss sum."""
+        """Logits for one micro-batch; with a `TiledLMHead` inside `lm_head_computes_loss`, its loss sum."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
@@ -91,7 +91,6 @@ class TrainingBackend(ABC):
     def _forward_backward(self, micro: list[MicroBatchInputs], loss_fn: LossFn, scale: float) -> float:
         """This rank's sum of token losses over the step's micro-batches (pipeline backends override it)."""
         return forward_backward(micro, self.forward, self.backward, loss_fn, scale,
-                                tiled_loss=self.layout.tiled_loss_chunk > 0,
                                 offload_activations=self.layout.offload_activations)
 
     @abstractmethod

@@ -44,6 +44,7 @@ class Layout:
     offload_tier: Literal["host", "disk"] = "host"  # where offloaded checkpoints, gradients and state go
     tiled_loss_chunk: int = 0  # 0: off
     tiled_mlp_chunk: int = 0  # 0: off
+    sequence_chunks: int = 1  # >1: each decoder layer runs chunk by chunk (sequence_chunks.py)
     micro_batch: int = 1
     grad_accum: int = 1
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -57,9 +58,10 @@ class Layout:
 
     @property
     def sharded_attention(self) -> bool:
-        """Attention through longtune's sequence-parallel kernels (`parallelize()` step 3): the sequence is
-        sharded, or PoSE's position skips would read as document starts in transformers' own attention."""
-        return self.sp > 1 or self.pose
+        """Attention through longtune's sequence-parallel kernels (`parallelize()` step 1): the sequence is
+        sharded, layers run chunk by chunk, or PoSE's position skips would read as document starts in
+        transformers' own attention."""
+        return self.sp > 1 or self.pose or self.sequence_chunks > 1
 
     @property
     def zero_stage(self) -> int:
@@ -111,6 +113,8 @@ class Layout:
             parts.append(f"tmlp{self.tiled_mlp_chunk}")
         if self.tiled_loss_chunk:
             parts.append(f"tloss{self.tiled_loss_chunk}")
+        if self.sequence_chunks > 1:
+            parts.append(f"chunks{self.sequence_chunks}")
         if self.micro_batch > 1:
             parts.append(f"mb{self.micro_batch}")
         return " ".join(parts)

@@ -10,7 +10,7 @@ process memory (`host_is_device=True`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .layout import Layout
@@ -93,6 +93,10 @@ class MemoryBreakdown:
     @property
     def peak_host(self) -> float:
         return sum(self.host.values())
+
+    @property
+    def peak_disk(self) -> float:
+        return sum(self.disk.values())
 
     def table(self) -> list[tuple[str, str, float]]:
         rows = [(name, "device", b) for name, b in self.device.items()]
@@ -199,6 +203,13 @@ def _act_bytes(layout: Layout) -> int:
     return 2 if layout.dtype == "bfloat16" else 4
 
 
+def attention_kv_width(shape: ModelShape, layout: Layout) -> int:
+    """Width of k (or v) per token in an O(L) kernel: GQA's KV heads, replicated to lcm(KV heads, ulysses)
+    under Ulysses (the all-to-all gives each rank ulysses × the tokens and 1 / ulysses of those heads)."""
+    u = layout.sp_ulysses
+    return math.lcm(shape.kv_heads, u) * shape.head_dim if u > 1 else shape.kv_width
+
+
 def attention_saved_per_token(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     """Bytes one layer's attention saves per local token.
 
@@ -213,8 +224,7 @@ def attention_saved_per_token(shape: ModelShape, layout: Layout, seq_len: int) -
         kv = shape.q_width
         mask = 4 * seq_len * layout.micro_batch / layout.sp  # per local token: a row of the L × L mask
     else:
-        u = layout.sp_ulysses
-        kv = math.lcm(shape.kv_heads, u) * shape.head_dim if u > 1 else shape.kv_width
+        kv = attention_kv_width(shape, layout)
         mask = 0.0
     per_token = b * (2 * shape.q_width + 2 * kv) / layout.tp + 4 * shape.heads / layout.tp + mask
     if layout.sp_ulysses > 1:
@@ -251,19 +261,84 @@ def checkpoint_input_per_token(shape: ModelShape, layout: Layout) -> float:
     return _act_bytes(layout) * shape.hidden / layout.tp
 
 
+# -- sequence-chunked layers ------------------------------------------------------------------------
+
+KV_GRAD_BYTES = 4
+"""dK/dV accumulators of a chunked layer's backward are summed over the later chunks: fp32."""
+
+
+def chunked(layout: Layout) -> bool:
+    """Each decoder layer runs on `sequence_chunks` consecutive chunks of the local sequence: forward
+    without autograd, saving only the layer's input; backward recomputes chunk by chunk in reverse, with
+    autograd. So a chunked layer is a fully recomputed one whose working set is one chunk's."""
+    return layout.sequence_chunks > 1
+
+
+def one_chunk(layout: Layout) -> Layout:
+    """What one chunk of a chunked layer is to the unchunked terms (called with length / chunks): a fully
+    recomputed layer whose input is a view of the whole layer's input (so not counted again), attention
+    through longtune's O(L) block kernel."""
+    return replace(layout, sequence_chunks=1, recompute="full", recompute_modules=(), offload_checkpoints=False,
+                   offload_activations=False, attention="flash")
+
+
+def kv_per_token(shape: ModelShape, layout: Layout) -> float:
+    """Bytes of one layer's K and V (after RoPE) per local token, as a chunked layer puts them in the tier."""
+    return 2 * attention_kv_width(shape, layout) * _act_bytes(layout) / layout.tp
+
+
+def chunked_kv_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Every chunk's K and V of every layer: written to the offload tier in forward, kept there until that
+    layer's backward, so at the end of the forward all layers' are there."""
+    layers = math.ceil(shape.layers / layout.pp) * layout.pp
+    return layers * tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout)
+
+
+def chunked_kv_grad_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """The running layer's dK/dV accumulators for all its chunks (fp32), in the tier during its backward."""
+    return tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout) * KV_GRAD_BYTES / _act_bytes(layout)
+
+
+def residual_stream_bytes(layout: Layout) -> int:
+    """Bytes per element of the hidden states between layers: fp32 under autocast (fp32 weights: bf16
+    without FSDP2 on the native backend) and in fp32 runs; bf16 where the backend casts the parameters
+    (FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16 model)."""
+    return 2 if layout.dtype == "bfloat16" and layout.sharding != "ddp" else 4
+
+
+def chunked_layer_backward_phases(shape: ModelShape, layout: Layout, seq_len: int, *,
+                                  host_is_device: bool = False) -> dict[str, float]:
+    """One chunked layer's backward, per phase: the phases of one chunk's recomputed backward (c tokens),
+    plus what spans the whole local sequence — the gradient arriving at the layer's output and the one it
+    returns for its input, and the layer's input itself when it comes back from the tier to a separate
+    device — plus what chunk i's attention backward holds for an earlier chunk j: two chunks' K/V (j and
+    the prefetched j + 1) and three fp32 tensors of their size (j's block gradients, its accumulator read
+    back, their sum), and the chunk's parameter gradients before they join the layer's sum."""
+    chunk_len = seq_len / layout.sequence_chunks
+    phases = layer_backward_phases(shape, one_chunk(layout), chunk_len)
+    stream = residual_stream_bytes(layout) * shape.hidden / layout.tp * tokens_per_rank(seq_len, layout)
+    back = layout.offload_checkpoints and not (host_is_device and layout.offload_tier == "host")
+    whole = (3 if back else 2) * stream
+    kv_chunk = tokens_per_rank(chunk_len, layout) * kv_per_token(shape, layout)
+    blocks = kv_chunk * (2 + 3 * KV_GRAD_BYTES / _act_bytes(layout))
+    param_grads = shape.layer_params / layout.tp * (_act_bytes(layout) if _sharded(layout, "params") else 4)
+    return {name: value + whole + blocks + param_grads for name, value in phases.items()}
+
+
 def activation_terms(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
     """(device bytes, host bytes) of the saved activations of one rank's layers.
 
     A 1F1B pipeline's first stage holds pp micro-batches in flight, each through its 1/pp of the layers:
     about the same total as all layers of one micro-batch. Recomputed layers keep their input only
-    (in host memory with offload.checkpoints); selective sub-modules keep their input, which the norm
-    terms already count; offload.activations moves everything saved to host memory.
+    (in host memory with offload.checkpoints), and so do sequence-chunked ones, whatever `recompute` says;
+    selective sub-modules keep their input, which the norm terms already count; offload.activations moves
+    everything saved to host memory.
     """
     tokens = tokens_per_rank(seq_len, layout)
     layers = math.ceil(shape.layers / layout.pp) * layout.pp
     per_plain = layer_saved_per_token(shape, layout, seq_len)
     checkpointed = 0
-    if layout.recompute == "full":
+    if layout.recompute == "full" or chunked(layout):
         checkpointed = layers
     elif layout.recompute == "selective" and not layout.recompute_modules:
         checkpointed = math.ceil(layers / layout.recompute_every)
@@ -282,18 +357,23 @@ def activation_terms(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[f
 
 
 def model_level_saved_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """Outside the layers: the final norm (input, x·rsqrt, lm_head's input: 3 fp32, or 2 fp32 and a bf16
-    cast under mixed precision), RoPE cos/sin, ids and labels."""
+    """Outside the layers: the final norm's saved tensors (`final_norm_saved_bytes`), RoPE cos/sin, ids and
+    labels."""
     tokens = tokens_per_rank(seq_len, layout)
     b = _act_bytes(layout)
-    norm = (10 if layout.dtype == "bfloat16" else 12) * shape.hidden
-    return tokens * (norm + 4 + 2 * b * shape.head_dim + 3 * 8)
+    return final_norm_saved_bytes(shape, layout, seq_len) + tokens * (4 + 2 * b * shape.head_dim + 3 * 8)
 
 
 def final_norm_saved_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """The final norm's part of `model_level_saved_bytes`: its backward runs, and frees it, before the
-    layers' backward."""
-    return tokens_per_rank(seq_len, layout) * (10 if layout.dtype == "bfloat16" else 12) * shape.hidden
+    """The final norm's saved tensors (input, x·rsqrt, lm_head's input: 3 fp32, or 2 fp32 and a bf16 cast under
+    mixed precision); with a tiled loss and no tensor parallelism the norm runs in the loss chunks
+    (tiling.DeferredNorm) and only its input, the last layer's output, is kept. Its backward runs, and frees
+    them, before the layers' backward."""
+    if layout.tiled_loss_chunk and layout.tp == 1:
+        per_token = residual_stream_bytes(layout) * shape.hidden
+    else:
+        per_token = (10 if layout.dtype == "bfloat16" else 12) * shape.hidden
+    return tokens_per_rank(seq_len, layout) * per_token
 
 
 def mask_bytes(layout: Layout, seq_len: int) -> float:
@@ -308,20 +388,28 @@ def logits_loss_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     """Logits and cross-entropy at the start of backward: the logits (kept by the loop's output), the
     fp32 log-softmax saved by cross-entropy, its gradient and the logits' gradient: 4 × tokens × vocab in
     fp32 (bf16 logits add a bf16 copy). Tiled loss: the same for one chunk of positions (recomputed in
-    backward), the full logits never exist."""
+    backward), the full logits never exist. Under tensor parallelism each rank holds its `vocab / tp` slice
+    (vocabulary-parallel lm_head and loss; a model with tied embeddings keeps the full vocabulary)."""
     tokens = tokens_per_rank(seq_len, layout)
     if layout.tiled_loss_chunk:
         tokens = min(tokens, layout.micro_batch * layout.tiled_loss_chunk)
     extra = 2 if layout.dtype == "bfloat16" else 0
-    return tokens * shape.vocab * (4 * 4 + extra)
+    return tokens * _vocab_per_rank(shape, layout) * (4 * 4 + extra)
 
 
 def kept_logits_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     """The loop holds the model output (the logits, untiled) until the next micro-batch: they are still
-    alive while the layers run backward. Tiled loss returns a scalar instead."""
-    if layout.tiled_loss_chunk:
+    alive while the layers run backward. Tiled loss, and the vocabulary-parallel lm_head, return a scalar
+    instead."""
+    if layout.tiled_loss_chunk or _vocab_per_rank(shape, layout) < shape.vocab:
         return 0.0
     return tokens_per_rank(seq_len, layout) * shape.vocab * (2 if layout.dtype == "bfloat16" else 4)
+
+
+def _vocab_per_rank(shape: ModelShape, layout: Layout) -> float:
+    """The logits' vocabulary on one rank: tensor parallelism splits lm_head's rows unless they are tied to the
+    input embeddings (parallel/tensor_parallel.py)."""
+    return shape.vocab if shape.tied_embeddings else shape.vocab / layout.tp
 
 
 def _phase_gradients(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
@@ -345,7 +433,10 @@ def _layer_recomputed(layout: Layout) -> bool:
 def recompute_working_set(shape: ModelShape, layout: Layout, seq_len: int, *, host_is_device: bool = False) -> float:
     """A recomputed layer's activations exist again during its backward (one layer at a time), except its
     input: that is the checkpoint itself (counted with the activations) unless an offloaded checkpoint is
-    brought back to a separate device (or, on CPU, from disk); a tiled MLP recomputes one chunk's intermediates."""
+    brought back to a separate device (or, on CPU, from disk); a tiled MLP recomputes one chunk's intermediates.
+    A sequence-chunked layer recomputes one chunk at a time."""
+    if chunked(layout):
+        return recompute_working_set(shape, one_chunk(layout), seq_len / layout.sequence_chunks)
     tokens = tokens_per_rank(seq_len, layout)
     if _layer_recomputed(layout):
         again = layer_saved_per_token(shape, layout, seq_len)
@@ -370,7 +461,10 @@ def layer_backward_phases(shape: ModelShape, layout: Layout, seq_len: int, *,
       layers: both are part of the recomputed set); the attention gradients, or at the all-to-all / ring
       exchange moments the sequence-parallel buffers, whichever is larger, with the residual gradient.
     Measured (docs/memory.md, a sampler labelled by the running module): under recompute + tiled MLP the
-    peak is in the MLP phase, one process and Ulysses alike; the Ulysses buffers do not add to it."""
+    peak is in the MLP phase, one process and Ulysses alike; the Ulysses buffers do not add to it.
+    Sequence-chunked layers: `chunked_layer_backward_phases`."""
+    if chunked(layout):
+        return chunked_layer_backward_phases(shape, layout, seq_len, host_is_device=host_is_device)
     mlp_grads, attention_grads = _phase_gradients(shape, layout, seq_len)
     again = recompute_working_set(shape, layout, seq_len, host_is_device=host_is_device)
     freed = 0.0
@@ -393,7 +487,7 @@ def sequence_parallel_buffers(shape: ModelShape, layout: Layout, seq_len: int) -
     b = _act_bytes(layout)
     total = 0.0
     if layout.sp_ulysses > 1:
-        kv = math.lcm(shape.kv_heads, layout.sp_ulysses) * shape.head_dim
+        kv = attention_kv_width(shape, layout)
         total += 2 * b * tokens * (shape.q_width + 2 * kv) / layout.tp
     if layout.sp_ring > 1:
         total += 4 * b * tokens * 2 * shape.kv_width / layout.tp
@@ -433,6 +527,9 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
     dev["activations"] = act_dev
     host["offloaded_activations"] = act_host if layout.offload_activations else 0.0
     tier["offloaded_checkpoints"] = 0.0 if layout.offload_activations else act_host
+    if chunked(layout):
+        tier["sequence_chunk_kv"] = chunked_kv_bytes(shape, layout, seq_len)
+        tier["sequence_chunk_kv_grads"] = chunked_kv_grad_bytes(shape, layout, seq_len)
     dev["model_level_activations"] = model_level_saved_bytes(shape, layout, seq_len)
     dev["attention_mask"] = mask_bytes(layout, seq_len)
     dev["baseline"] = baseline_bytes
@@ -445,6 +542,8 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
                                                                    host_is_device=host_is_device).values())
                                        + unsharded_layer_bytes(shape, layout))
     step_state = opt if swapped_out else 0.0
+    # By the optimizer step the forward's saved tensors are gone: the step's working set replaces them.
+    freed_by_step = act_dev + dev["model_level_activations"] + dev["attention_mask"]
     if grads_top is not None:
         # The last layer's backward: every layer's gradient exists by then, while the layers above have
         # freed their activations (the standing device share of them, one layer's left). With checkpoints
@@ -456,10 +555,11 @@ def memory_breakdown(shape: ModelShape, layout: Layout, seq_len: int, *, baselin
         standing = grads_layers if grads_out else grads
         out.transient["layer_backward (last layer)"] = (
             out.transient["layer_backward"] - grads_layers + standing - resident * (layers - 1) / layers)
-        out.transient["optimizer_step"] = (grads + step_state
+        out.transient["optimizer_step"] = (grads + step_state - freed_by_step
                                            + optimizer_step_temporaries(shape, layout, host_is_device))
     elif _ddp_replicated(layout) or swapped_out:  # the gradients are standing (DDP's buckets)
-        out.transient["optimizer_step"] = step_state + optimizer_step_temporaries(shape, layout, host_is_device)
+        out.transient["optimizer_step"] = (step_state - freed_by_step
+                                           + optimizer_step_temporaries(shape, layout, host_is_device))
     if host_is_device:
         for name, value in list(host.items()):
             dev[f"{name} (host)"] = value

@@ -30,19 +30,18 @@ class MicroBatchInputs:
 
 def forward_backward(micro: Sequence[MicroBatchInputs], forward: Callable[..., torch.Tensor],
                      backward: Callable[[torch.Tensor, bool], None], loss_fn: LossFn, scale: float, *,
-                     tiled_loss: bool = False, offload_activations: bool = False) -> float:
+                     offload_activations: bool = False) -> float:
     """Forward and backward of each micro-batch in turn; returns the sum of their token losses.
 
-    `forward(**inputs)` gives logits, or with a tiled lm_head (`tiled_loss`) the loss sum itself, computed in
-    chunks (tiling.py); `backward(loss, last_micro_batch)` accumulates the gradient of `loss_fn × scale`
-    (gradients are synchronized on the last micro-batch). With `offload_activations` what the forward saves
-    for backward waits in host memory."""
+    `forward(**inputs)` gives logits, or where lm_head computes the loss (a `TiledLMHead`: tiled loss, tensor
+    parallelism's vocabulary-parallel head) the loss sum itself, a 0-dim tensor; `backward(loss,
+    last_micro_batch)` accumulates the gradient of `loss_fn × scale` (gradients are synchronized on the last
+    micro-batch). With `offload_activations` what the forward saves for backward waits in host memory."""
     total = 0.0
     for i, mb in enumerate(micro):
-        with (activation_offload(offload_activations),
-              lm_head_computes_loss(mb.labels if tiled_loss else None, loss_fn)):
+        with activation_offload(offload_activations), lm_head_computes_loss(mb.labels, loss_fn):
             out = forward(**mb.inputs)
-        loss_sum = out if tiled_loss else loss_fn(out, mb.labels)
+        loss_sum = out if out.dim() == 0 else loss_fn(out, mb.labels)
         backward(loss_sum * scale, i == len(micro) - 1)
         total += loss_sum.item()
     return total

@@ -156,10 +156,17 @@ class NativeBackend(TrainingBackend):
         if self.pipeline is None:
             return super()._forward_backward(micro, loss_fn, scale)
         # The schedule runs forward and backward of every micro-batch through the stages.
+        self._wait_optimizer_state_written()
         with self._autocast_context(), activation_offload(self.layout.offload_activations):
             return self.pipeline.step(micro, loss_fn, scale)
 
+    def _wait_optimizer_state_written(self) -> None:
+        """The swapped-out state's writes overlap forward; backward's peak must not hold it."""
+        for swap in self._swaps:
+            swap.wait_written()
+
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self._wait_optimizer_state_written()
         if self._fsdp:
             self.model.set_requires_gradient_sync(last_micro_batch)
             loss.backward()
@@ -170,6 +177,8 @@ class NativeBackend(TrainingBackend):
             loss.backward()
 
     def step(self) -> float:
+        for swap in self._swaps:  # its reads overlap the gradients' restore and clipping
+            swap.prefetch()
         if self._grad_offload is not None:
             self._grad_offload.restore()
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf

@@ -1,7 +1,8 @@
 """`parallelize()`: every parallel technique applied to a model, in one fixed order.
 
 The order (docs/design.md) is: sequence-parallel attention → pipeline split → tensor parallelism →
-recomputation / offload → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps in its own engine).
+recomputation / offload (or sequence-chunked layers) → data-parallel wrapping (FSDP2 or DDP; DeepSpeed wraps
+in its own engine).
 Each step lives in its own module, reads the `Layout` (layout.py) and does nothing when the layout leaves
 it off. Sequence parallelism switches the whole model's attention (its stages share it); the pipeline
 split turns the model into this rank's stages (pipeline.py); every later step applies to each of them, so
@@ -31,6 +32,7 @@ from .dims import ParallelDims, build_mesh, group_timeout
 from .layout import Layout
 from .pipeline import apply_stage_boundaries, split_stages
 from .recompute import apply_recompute
+from .sequence_chunks import apply_sequence_chunks
 from .sp_attention import apply_sequence_parallel
 from .tensor_parallel import apply_tensor_parallel
 from .tiling import apply_tiled_loss, apply_tiled_mlp
@@ -148,8 +150,12 @@ def _parallelize_part(model: nn.Module, dims: ParallelDims, layout: Layout, mesh
     #    host memory; before FSDP so that each FSDP unit is a checkpointed layer (torchtitan's order).
     apply_tiled_mlp(decoder_layers(model), layout.tiled_mlp_chunk)
     if getattr(model, "lm_head", None) is not None:  # pipeline stages but the last have none
-        apply_tiled_loss(model, layout.tiled_loss_chunk)
-    apply_recompute(decoder_layers(model), layout)
+        apply_tiled_loss(model, layout.tiled_loss_chunk, defer_norm=dims.tp == 1)
+    if layout.sequence_chunks > 1:  # each layer chunk by chunk, recomputed in backward (its own checkpoint)
+        apply_sequence_chunks(decoder_layers(model), layout.sequence_chunks, layout.disk_dir,
+                              layout.offload_checkpoints)
+    else:
+        apply_recompute(decoder_layers(model), layout)
     # 5. data-parallel wrapping.
     if data_parallel == "fsdp":
         return apply_fsdp(model, bf16=layout.bf16, offload=layout.offload_params or layout.offload_optimizer,

@@ -140,10 +140,10 @@ class DecoderStage(nn.Module):
                                   past_key_values=None, use_cache=False, **kwargs)
         if not self.is_last:
             return hidden_states.to(self.boundary_dtype)
-        hidden_states = self.model.norm(hidden_states)
         tiled = isinstance(self.lm_head, TiledLMHead)
+        # The norm inside the loss context too: under a tiled loss it runs in the head's chunks (DeferredNorm).
         with lm_head_computes_loss(entry.labels if tiled else None, _pending_loss_fn.get()):
-            return self.lm_head(hidden_states)
+            return self.lm_head(self.model.norm(hidden_states))
 
 
 def apply_stage_boundaries(stage: DecoderStage, tp_mesh) -> None:

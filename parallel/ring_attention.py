@@ -140,45 +140,77 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
 
     `out` is fp32, or q's dtype when the attention is a single kernel call.
     """
-    b, h, length, d = q.shape
-    if _single_block(plan, b, length):
+    if _single_block(plan, q.shape[0], q.shape[2]):
         return plan.kernel.forward(q, k, v, True, plan.scale)
-    out = torch.zeros(b, h, length, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, length), float("-inf"), dtype=torch.float32, device=q.device)
+    acc = BlockAccumulator(q, v.shape[-1])
     kv = [k, v]
-    # Query row ranges that already hold a partial result, per batch row. A block whose rows overlap
-    # none of them is copied; otherwise it is merged, which is exact for rows not yet seen too (their
-    # out is 0 and lse -inf, and every row of a block has at least one key).
-    covered: list[list[tuple[int, int]]] = [[] for _ in range(b)]
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         pending = None
         if step < plan.world - 1:
             pending = _rotate(kv, plan)
-        for row in range(b):
-            for p in plan.calls(plan.rank, src, row):
+        acc.add(plan, plan.rank, src, kv[0], kv[1])
+        if pending is not None:
+            _wait(pending[0])
+            kv = pending[1]
+    return acc.out, acc.lse
+
+
+class BlockAccumulator:
+    """The attention of one query block `q` `[B, H, S, D]` over key blocks added one at a time: `out` (fp32)
+    and `lse` merged by log-sum-exp. Used by the ring (a peer's block per step) and by sequence-chunked layers
+    (an earlier chunk's block per step)."""
+
+    def __init__(self, q: torch.Tensor, value_dim: int) -> None:
+        b, h, length, _ = q.shape
+        self.q = q
+        self.out = torch.zeros(b, h, length, value_dim, dtype=torch.float32, device=q.device)
+        self.lse = torch.full((b, h, length), float("-inf"), dtype=torch.float32, device=q.device)
+        # Query row ranges that already hold a partial result, per batch row. A block whose rows overlap
+        # none of them is copied; otherwise it is merged, which is exact for rows not yet seen too (their
+        # out is 0 and lse -inf, and every row of a block has at least one key).
+        self.covered: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+
+    def add(self, plan: RingPlan, q_rank: int, k_rank: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Merge in the keys/values `k`, `v` of block `k_rank` (the queries being block `q_rank`)."""
+        q, out, lse = self.q, self.out, self.lse
+        for row in range(q.shape[0]):
+            for p in plan.calls(q_rank, k_rank, row):
                 r, rows = slice(row, row + 1), slice(p.q_start, p.q_end)
                 block_out, block_lse = plan.kernel.forward(
-                    q[r, :, rows], kv[0][r, :, p.k_start:p.k_end], kv[1][r, :, p.k_start:p.k_end], p.causal,
-                    plan.scale)
-                if any(s < p.q_end and p.q_start < e for s, e in covered[row]):
+                    q[r, :, rows], k[r, :, p.k_start:p.k_end], v[r, :, p.k_start:p.k_end], p.causal, plan.scale)
+                if any(s < p.q_end and p.q_start < e for s, e in self.covered[row]):
                     out[r, :, rows], lse[r, :, rows] = merge_partial_attention(
                         out[r, :, rows], lse[r, :, rows], block_out, block_lse)
                 else:
                     out[r, :, rows] = block_out
                     lse[r, :, rows] = block_lse
-                covered[row].append((p.q_start, p.q_end))
-        if pending is not None:
-            _wait(pending[0])
-            kv = pending[1]
-    return out, lse
+                self.covered[row].append((p.q_start, p.q_end))
+
+
+def block_gradients(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, plan: RingPlan, q_rank: int, k_rank: int, dq: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of block `k_rank`'s keys/values `k`, `v` (fp32) from the queries of block `q_rank`, given
+    the whole attention's final `out` and `lse`; adds the queries' share to `dq` (fp32) in place."""
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    for row in range(q.shape[0]):
+        for p in plan.calls(q_rank, k_rank, row):
+            rows, keys = slice(p.q_start, p.q_end), slice(p.k_start, p.k_end)
+            r = slice(row, row + 1)
+            g_q, g_k, g_v = plan.kernel.backward(dout[r, :, rows], q[r, :, rows], k[r, :, keys], v[r, :, keys],
+                                                 out[r, :, rows], lse[r, :, rows], p.causal, plan.scale)
+            dq[r, :, rows] += g_q
+            dk[r, :, keys] += g_k
+            dv[r, :, keys] += g_v
+    return dk, dv
 
 
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, plan: RingPlan
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b = q.shape[0]
-    if _single_block(plan, b, q.shape[2]):
+    if _single_block(plan, q.shape[0], q.shape[2]):
         return plan.kernel.backward(dout, q, k, v, out, lse, True, plan.scale)
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = [k, v]
@@ -186,18 +218,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     for step in range(plan.world):
         src = (plan.rank - step) % plan.world
         pending = _rotate(kv, plan) if step < plan.world - 1 else None
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
-        for row in range(b):
-            for p in plan.calls(plan.rank, src, row):
-                rows, keys = slice(p.q_start, p.q_end), slice(p.k_start, p.k_end)
-                r = slice(row, row + 1)
-                g_q, g_k, g_v = plan.kernel.backward(
-                    dout[r, :, rows], q[r, :, rows], kv[0][r, :, keys], kv[1][r, :, keys],
-                    out[r, :, rows], lse[r, :, rows], p.causal, plan.scale)
-                dq[r, :, rows] += g_q
-                dk[r, :, keys] += g_k
-                dv[r, :, keys] += g_v
+        dk, dv = block_gradients(dout, q, kv[0], kv[1], out, lse, plan, plan.rank, src, dq)
         if carried is not None:
             _wait(carried[0])
             dk += carried[1][0]

@@ -2,7 +2,10 @@
 
 Layouts split the (padded) sequence over the ring ranks — `contiguous`: rank r holds chunk r of N;
 `zigzag`: 2N chunks, rank r holds chunks r and 2N−1−r, which balances causal work — and then split
-each ring rank's portion contiguously over the Ulysses ranks. Labels are shifted on the full
+each ring rank's portion contiguously over the Ulysses ranks. With sequence-chunked layers (`chunks` > 1,
+no ring) the portion is first cut into `chunks` consecutive chunks and each chunk is split over the
+Ulysses ranks: a rank's i-th local chunk is its part of global chunk i, so Ulysses' all-to-all of local
+chunk i gathers global chunk i whole. Labels are shifted on the full
 sequence before sharding (the caller's collate does it), position ids are global and per document,
 and lengths that do not divide are padded with ignored labels as one more document.
 """
@@ -39,10 +42,10 @@ def layout_chunks(layout: str, world: int, rank: int, seq_len: int) -> list[Chun
     raise ValueError(f"unknown sequence layout {layout!r}; valid: contiguous, zigzag")
 
 
-def padding_multiple(layout: str, ring: int, ulysses: int) -> int:
+def padding_multiple(layout: str, ring: int, ulysses: int, chunks: int = 1) -> int:
     """Sequence lengths must be a multiple of this for the layout to split evenly."""
     per_ring = 2 * ring if layout == "zigzag" and ring > 1 else ring
-    return per_ring * ulysses
+    return per_ring * ulysses * chunks
 
 
 def pad_to_multiple(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
@@ -63,21 +66,28 @@ def pad_to_multiple(input_ids: torch.Tensor, labels: torch.Tensor, position_ids:
 
 
 def shard_sequence(x: torch.Tensor, layout: str, ring: int, ring_rank: int, ulysses: int,
-                   ulysses_rank: int, dim: int = 1) -> torch.Tensor:
+                   ulysses_rank: int, dim: int = 1, chunks: int = 1) -> torch.Tensor:
     """One rank's part of `x` along `dim` (the sequence dimension)."""
     seq_len = x.shape[dim]
-    if seq_len % padding_multiple(layout, ring, ulysses):
-        raise ValueError(f"sequence length {seq_len} is not divisible by "
-                         f"{padding_multiple(layout, ring, ulysses)} ({layout} layout, ring {ring}, "
-                         f"ulysses {ulysses}); pad it first")
+    multiple = padding_multiple(layout, ring, ulysses, chunks)
+    if seq_len % multiple:
+        chunked = f", {chunks} chunks" if chunks > 1 else ""
+        raise ValueError(f"sequence length {seq_len} is not divisible by {multiple} ({layout} layout, ring "
+                         f"{ring}, ulysses {ulysses}{chunked}); pad it first")
+    if chunks > 1 and ring > 1:
+        raise ValueError("sequence-chunked layers do not combine with a ring")
     parts = [x.narrow(dim, c.start, c.length) for c in layout_chunks(layout, ring, ring_rank, seq_len)]
     portion = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-    return portion.chunk(ulysses, dim=dim)[ulysses_rank].contiguous()
+    pieces = [chunk.chunk(ulysses, dim=dim)[ulysses_rank] for chunk in portion.chunk(chunks, dim=dim)]
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].contiguous()
 
 
-def unshard_sequence(shards: list[list[torch.Tensor]], layout: str, dim: int = 1) -> torch.Tensor:
+def unshard_sequence(shards: list[list[torch.Tensor]], layout: str, dim: int = 1, chunks: int = 1) -> torch.Tensor:
     """Inverse of `shard_sequence`: `shards[ring_rank][ulysses_rank]` → the full tensor."""
     ring = len(shards)
+    if chunks > 1:  # one ring rank: global chunk i is every Ulysses rank's i-th local chunk, in rank order
+        local = [s.chunk(chunks, dim=dim) for s in shards[0]]
+        return torch.cat([part[i] for i in range(chunks) for part in local], dim=dim)
     portions = [torch.cat(row, dim=dim) for row in shards]
     seq_len = sum(p.shape[dim] for p in portions)
     pieces: list[tuple[int, torch.Tensor]] = []

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 
 from .kernels import get_kernel
 from .ring_attention import RingAttention, RingPlan
+from .sequence_chunks import chunk_attention
 from .sp_rope import apply_length_aware_rope
 from .ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
 
@@ -37,6 +38,7 @@ class SequenceParallelContext:
     ulysses_rank: int
     ulysses_group: dist.ProcessGroup | None
     kernel: str | None = None
+    chunks: int = 1  # sequence-chunked layers: this many chunks of the sequence (sequence_chunks.py)
 
 
 def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -63,8 +65,13 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
     # Resolved on the first call of the process and cached (kernels.get_kernel): the same answer every layer.
     kernel = get_kernel(ctx.kernel, q.device, dtype, q.shape[-1])
     plan = RingPlan(ctx.layout, ctx.ring, ctx.ring_rank, ctx.seq_len, ctx.doc_bounds, scale, kernel, ctx.ring_group)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if ctx.chunks > 1:  # this layer runs chunk by chunk: the chunks so far are the keys (sequence_chunks.py)
+            return chunk_attention(q, k, v, ctx.chunks, plan)
+        return RingAttention.apply(q, k, v, plan)
     if ctx.ulysses == 1:
-        return RingAttention.apply(q, k, v, plan).transpose(1, 2).contiguous(), None
+        return attend(q, k, v).transpose(1, 2).contiguous(), None
     copies = replicate_kv_heads(k.shape[1], q.shape[1], ctx.ulysses)
     if copies > 1:
         k, v = k.repeat_interleave(copies, dim=1), v.repeat_interleave(copies, dim=1)
@@ -75,7 +82,7 @@ def sequence_parallel_attention(module: torch.nn.Module, query: torch.Tensor, ke
         # K/V travel around the ring: give them (and q) their own dense buffers once, so neither the
         # all-to-all buffer stays alive nor every ring step copies a strided view before sending.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = RingAttention.apply(q, k, v, plan)
+    out = attend(q, k, v)
     return heads_to_sequence(out.transpose(1, 2), ctx.ulysses_group, ctx.ulysses), None
 
 

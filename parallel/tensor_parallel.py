@@ -9,9 +9,16 @@ projections run through the model's own code unchanged; attention sees `H / tp` 
 With `sequence_parallel` (Megatron-style sequence parallelism inside the tp group), the residual
 stream and the RMSNorms between the blocks hold `1 / tp` of the sequence: the all-reduce after o/down
 becomes a reduce-scatter and the all-gather moves to the block inputs — the same traffic, `tp` times
-less activation memory outside attention and MLP. Embeddings and lm_head stay replicated: the
-embedding output is split (no traffic) and the final hidden states are gathered for lm_head, so
-every tp rank computes the full logits and the exact token-mean loss of `train/loss.py`.
+less activation memory outside attention and MLP. The embeddings stay replicated and their output is
+split (no traffic); the last layer's output is gathered before the final norm, so the norm and lm_head
+see every position.
+
+lm_head is vocabulary-parallel (loss parallelism): each rank holds `V / tp` rows of its weight and computes
+its slice of the logits, which stay sharded (a DTensor); the head is a `TiledLMHead` (tiling.py) that
+computes the loop's loss on those shards (`train/loss.py` → loss_parallel.py: two all-reduces of one value
+per token), in chunks with `memory.tiled_loss`, in one piece without. No rank holds length × vocabulary
+logits; outside the loss context (evaluation, generation) the head gathers them whole. A model that ties
+lm_head to the input embeddings keeps both replicated and computes full logits on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from .tiling import install_loss_head
 
 LayerPlan = Callable[[bool], dict[str, ParallelStyle]]
 """`sequence_parallel` → {sub-module path inside one decoder layer: style}."""
@@ -97,18 +106,24 @@ def qwen3_layer_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     return plan
 
 
-def root_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Outside the decoder layers: only the sequence-parallel boundaries (embeddings stay replicated)."""
-    if not sequence_parallel:
-        return {}
-    return {
-        # Every rank has the full embedding output; keeping its part of the sequence needs no traffic.
-        "model.embed_tokens": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
-                                                  use_local_output=False),
-        "model.norm": SequenceParallel(),
-        "lm_head": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                      use_local_output=True),
-    }
+def root_plan(sequence_parallel: bool, vocab_parallel: bool) -> dict[str, ParallelStyle]:
+    """Outside the decoder layers: the sequence-parallel boundaries (embeddings stay replicated) and the
+    vocabulary-parallel lm_head."""
+    plan: dict[str, ParallelStyle] = {}
+    if sequence_parallel:
+        plan.update({
+            # Every rank has the full embedding output; keeping its part of the sequence needs no traffic.
+            "model.embed_tokens": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                      use_local_output=False),
+            # The whole sequence before the final norm: the loss chunks of a tiled lm_head split the sequence,
+            # and every tp rank computes the logits of the same positions (its slice of the vocabulary).
+            "model.norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                             use_local_output=True),
+        })
+    if vocab_parallel:
+        # Weight rows (vocabulary entries) split over tp; the logits stay sharded on the vocabulary dim.
+        plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return plan
 
 
 def apply_tensor_parallel(model: nn.Module, layers: nn.Module, tp_mesh: DeviceMesh, *,
@@ -123,9 +138,13 @@ def apply_tensor_parallel(model: nn.Module, layers: nn.Module, tp_mesh: DeviceMe
     for layer in layers.children():
         parallelize_module(layer, tp_mesh, layer_plan)
     # A pipeline stage holds the embeddings, the final norm and lm_head only where its slice has them.
-    boundaries = {path: style for path, style in root_plan(sequence_parallel).items() if _holds(model, path)}
+    vocab_parallel = not getattr(model.config, "tie_word_embeddings", False)
+    boundaries = {path: style for path, style in root_plan(sequence_parallel, vocab_parallel).items()
+                  if _holds(model, path)}
     if boundaries:
         parallelize_module(model, tp_mesh, boundaries)
+    if "lm_head" in boundaries:
+        install_loss_head(model, None, f"parallel.tp {tp_mesh.size()}")
 
 
 def _holds(model: nn.Module, path: str) -> bool:

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,26 +128,38 @@ class TiledLMHead(ActivationWrapper):
     the token losses instead of logits (a 0-dim tensor, in the model output's `logits` field), computed
     `chunk` sequence positions at a time; elsewhere (evaluation, generation) it returns ordinary logits.
 
+    `chunk=None`: the whole sequence at once, not recomputed. Tensor parallelism installs the head so with a
+    vocabulary-parallel lm_head (its logits a DTensor sharded over the vocabulary): the loop's `loss_fn`
+    then computes the loss on the shards, and outside the loss context the logits are gathered whole.
+
     The loss is computed inside the model's forward so that every wrapper sees an ordinary forward:
     FSDP2 has the root's parameters (lm_head) unsharded, ZeRO-3 gathers lm_head's weight for the call
     and again when backward recomputes a chunk.
     """
 
-    def __init__(self, head: nn.Module, chunk: int) -> None:
+    def __init__(self, head: nn.Module, chunk: int | None) -> None:
         super().__init__(head)
         self.chunk = chunk
+        self._final_norm: tuple[nn.Module, ...] = ()  # a `DeferredNorm`'s norm, run in each chunk (not a child)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self._checkpoint_wrapped_module
         pending = _PENDING_LOSS.get()
         if pending is None:
-            return self._checkpoint_wrapped_module(hidden)
+            logits = head(hidden)
+            return logits.full_tensor() if isinstance(logits, DTensor) else logits
         labels, loss_fn = pending
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"tiled loss: labels {tuple(labels.shape)} for hidden states "
                              f"{tuple(hidden.shape)}")
 
         def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(self._checkpoint_wrapped_module(h), y)
+            for norm in self._final_norm:
+                h = norm(h)
+            return loss_fn(head(h), y)
+
+        if self.chunk is None:
+            return chunk_loss(hidden, labels)
 
         # Chunks with only ignored labels are computed too (their loss is 0): skipping them would make
         # the number of lm_head calls differ between ranks (see the module docstring).
@@ -159,10 +172,24 @@ class TiledLMHead(ActivationWrapper):
         return f"chunk={self.chunk}"
 
 
+class DeferredNorm(ActivationWrapper):
+    """The model's final norm, which while a tiled loss is pending passes the hidden states through unchanged:
+    the `TiledLMHead` applies the norm in each of its chunks, inside the chunk's checkpoint. The norm is
+    position-wise, so the result is the same; what the forward keeps for backward is the norm's input alone
+    instead of its input, its fp32 intermediate and its output (three `[B, L, H]` become one). Elsewhere
+    (evaluation, generation) it is the norm."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if _PENDING_LOSS.get() is not None:
+            return hidden
+        return self._checkpoint_wrapped_module(hidden)
+
+
 @contextlib.contextmanager
 def lm_head_computes_loss(labels: torch.Tensor | None, loss_fn: LossFn) -> Iterator[None]:
     """For the forward passes inside: a `TiledLMHead` returns `loss_fn` summed over `labels` (the
-    shifted labels of this rank's tokens). `labels=None` changes nothing."""
+    shifted labels of this rank's tokens); a plain lm_head returns its logits as always. `labels=None`
+    changes nothing."""
     if labels is None:
         yield
         return
@@ -188,19 +215,36 @@ def apply_tiled_mlp(layers: nn.Module, chunk: int) -> int:
     return len(layers)
 
 
-def apply_tiled_loss(model: nn.Module, chunk: int) -> bool:
-    """Wrap the causal LM's `lm_head` in a `TiledLMHead` of `chunk` positions (0: off)."""
+def apply_tiled_loss(model: nn.Module, chunk: int, *, defer_norm: bool = True) -> bool:
+    """Wrap the causal LM's `lm_head` in a `TiledLMHead` of `chunk` positions (0: off); a head that computes
+    the loss already (tensor parallelism's) gets the chunk. With `defer_norm` the final norm
+    (`model.model.norm`) moves into the chunks too (`DeferredNorm`); tensor parallelism passes False, since
+    its plan gathers the sequence in the norm's input hook."""
     if chunk <= 0:
         return False
+    head = install_loss_head(model, chunk, "memory.tiled_loss")
+    inner = getattr(model, "model", None)
+    norm = getattr(inner, "norm", None)
+    if defer_norm and isinstance(norm, nn.Module) and not isinstance(norm, DeferredNorm):
+        inner.norm = DeferredNorm(norm)
+        head._final_norm = (norm,)
+    return True
+
+
+def install_loss_head(model: nn.Module, chunk: int | None, feature: str) -> TiledLMHead:
+    """The causal LM's `lm_head` as a `TiledLMHead` of `chunk` positions (None: the whole sequence at once),
+    wrapping it unless it is one already. `feature` names the setting that asks for it in errors."""
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Module):
-        raise ValueError(f"memory.tiled_loss: {type(model).__name__} has no lm_head")
+        raise ValueError(f"{feature}: {type(model).__name__} has no lm_head")
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_scale"):
         # These families change the logits after lm_head, which would then act on the loss.
         if getattr(config, name, None) is not None:
-            raise ValueError(f"memory.tiled_loss: the model's config sets {name}, which tiled loss does "
-                             "not apply")
-    if not isinstance(head, TiledLMHead):
-        model.lm_head = TiledLMHead(head, chunk)
-    return True
+            raise ValueError(f"{feature}: the model's config sets {name}, which a loss computed in lm_head "
+                             "does not apply")
+    if isinstance(head, TiledLMHead):
+        head.chunk = chunk
+    else:
+        model.lm_head = head = TiledLMHead(head, chunk)
+    return head

@@ -4,7 +4,8 @@ measured constants (a calibration file: `longtune plan --calibrate OUT.json`).
 step time = compute / achieved FLOP/s + exposed communication + pipeline bubble + host transfers.
 Sequence- and tensor-parallel collectives sit on the critical path (the next op needs their result);
 the ring's K/V exchange overlaps its block attention; data-parallel gradient traffic overlaps the
-backward up to `Calibration.overlap` of it.
+backward up to `Calibration.overlap` of it; host and tier copies (offload, a sequence-chunked layout's
+K/V) overlap it partly: half counted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .layout import Layout
-from .memory_model import ModelShape, params_per_rank, tokens_per_rank
+from .memory_model import KV_GRAD_BYTES, ModelShape, chunked, kv_per_token, params_per_rank, tokens_per_rank
 
 GB = 1e9
 
@@ -34,6 +35,9 @@ class Calibration:
     inter_bw: float  # between nodes (InfiniBand / Ethernet)
     latency_s: float = 20e-6  # per collective call
     host_bw: float = 25 * GB  # device ↔ host copies (PCIe, pinned); on CPU a memcpy
+    # device ↔ the disk offload tier (memory.offload.tier=disk): one Gen4 NVMe drive per GPU reads ~7 GB/s and
+    # writes ~4 GB/s sequentially; the tier's traffic is reads and writes of large files: 4 GB/s.
+    disk_bw: float = 4 * GB
     host_adam_params_per_s: float = 2e9  # CPU AdamW (DeepSpeedCPUAdam / torch) parameters per second
     overlap: float = 0.8  # fraction of data-parallel traffic hidden behind backward compute
     # The attention kernel's FLOP/s by the length of the rows it is called on ({"2048": ...}): tile overheads
@@ -124,12 +128,14 @@ def document_fill(doc_lens: Iterable[Sequence[int]], seq_len: int) -> float:
 def forward_multiplier(layout: Layout, part: str) -> float:
     """Forward passes per step of `part` (dense | attention | mlp | head), counting the backward as
     two: 3, plus one more forward for what is recomputed (a tiled MLP inside a recomputed layer runs
-    its forward twice more: the layer's recomputation and the chunk's own)."""
+    its forward twice more: the layer's recomputation and the chunk's own). A sequence-chunked layer is
+    recomputed once, as under full recompute (it is not also checkpointed); its block attention does the
+    causal FLOPs of the unchunked kernel."""
     if part == "head":
         return 3.0 + (1.0 if layout.tiled_loss_chunk else 0.0)
     modules = layout.recompute_modules
     extra = 0.0
-    if layout.recompute == "full":
+    if layout.recompute == "full" or chunked(layout):
         extra = 1.0
     elif layout.recompute == "selective" and modules:
         extra = 1.0 if (part == "mlp" and "mlp" in modules
@@ -152,7 +158,7 @@ def step_flops(shape: ModelShape, layout: Layout, seq_len: int, doc_fill: float 
     rest = dense_flops_per_token(shape) - mlp - head
     dense = tokens * (rest * forward_multiplier(layout, "dense") + mlp * forward_multiplier(layout, "mlp")
                       + head * forward_multiplier(layout, "head"))
-    flash = layout.attention == "flash"
+    flash = layout.attention == "flash" or chunked(layout)  # a chunked layer's block kernel skips masked blocks
     attn = rows * attention_flops_per_sequence(shape, seq_len, causal=flash, doc_fill=doc_fill if flash else 1.0)
     attn *= forward_multiplier(layout, "attention")
     # sp, tp and pp split one replica's work; dp replicas work on other rows.
@@ -180,14 +186,15 @@ def communication(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibrat
     tokens = tokens_per_rank(seq_len, layout)
     micro = layout.grad_accum
     layers = math.ceil(shape.layers / layout.pp)
-    recompute = 1 if layout.recompute == "full" else 0
+    recompute = 1 if layout.recompute == "full" or chunked(layout) else 0
     out: dict[str, float] = {}
     u, r = layout.sp_ulysses, layout.sp_ring
     if u > 1:
         # q, k, v in and the output back, each way; backward the same again; recompute repeats the forward.
+        # A chunked layer exchanges chunk by chunk: the same bytes in sequence_chunks × the calls.
         kv = math.lcm(shape.kv_heads, u) * shape.head_dim
         per_layer = tokens * b * (shape.q_width + 2 * kv + shape.q_width) / layout.tp * (u - 1) / u
-        calls = 4 * (2 + recompute)
+        calls = 4 * (2 + recompute) * layout.sequence_chunks
         out["ulysses_all_to_all"] = micro * layers * ((2 + recompute) * per_layer / _bandwidth(
             layout, "sp_ulysses", cal, gpn) + calls * cal.latency_s)
     if r > 1:
@@ -220,11 +227,33 @@ def communication(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibrat
 
 def kernel_length(layout: Layout, seq_len: int, doc_fill: float = 1.0) -> float:
     """Length of the rows one attention kernel call sees: the whole row for sdpa with a mask; for the
-    block kernels a ring rank's share of it, and at most the work-weighted mean document length
-    (Σ dᵢ² / Σ dᵢ = doc_fill · L), since they are called per document."""
-    if layout.attention == "sdpa_masked":
+    block kernels a ring rank's share of it or a sequence-chunked layer's chunk (under Ulysses the global
+    chunk, L / chunks), and at most the work-weighted mean document length (Σ dᵢ² / Σ dᵢ = doc_fill · L),
+    since they are called per document."""
+    if layout.attention == "sdpa_masked" and not chunked(layout):
         return float(seq_len)
-    return min(seq_len / layout.sp_ring, doc_fill * seq_len)
+    return min(seq_len / (layout.sp_ring * layout.sequence_chunks), doc_fill * seq_len)
+
+
+def tier_bandwidth(layout: Layout, cal: Calibration) -> float:
+    """Bytes/s between the device and memory.offload.tier (checkpoints, a chunked layer's K/V)."""
+    return cal.disk_bw if layout.offload_tier == "disk" else cal.host_bw
+
+
+def chunked_kv_traffic(shape: ModelShape, layout: Layout, seq_len: int) -> float:
+    """Bytes per step and rank a sequence-chunked layout moves between the device and its offload tier.
+
+    Per layer and micro-batch, with C the layer's K/V over all N chunks and the pairs j < i of chunks
+    ((N − 1) / 2 × C of K/V read per pass over them): forward writes C and reads chunk j for every later
+    chunk i; backward reads it again for chunk i's recomputed forward and for its attention backward, and
+    reads and writes the fp32 dK/dV accumulator of j for every such pair (r = 4 / b times K/V's bytes)."""
+    n = layout.sequence_chunks
+    if n == 1:
+        return 0.0
+    kv = tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout)
+    r = KV_GRAD_BYTES / (2 if layout.dtype == "bfloat16" else 4)
+    per_layer = kv * (1 + (n - 1) / 2 * (3 + 2 * r))
+    return per_layer * math.ceil(shape.layers / layout.pp) * layout.grad_accum
 
 
 def step_time(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibration,
@@ -255,14 +284,22 @@ def step_time(shape: ModelShape, layout: Layout, seq_len: int, cal: Calibration,
     if layout.offload_optimizer or layout.offload_params:
         host_bytes += 4 * p * 2  # gradients down, updated weights up
         terms["host_optimizer"] = p / cal.host_adam_params_per_s
+    copy_seconds = host_bytes / cal.host_bw
     if layout.offload_checkpoints or layout.offload_activations:
         from .memory_model import activation_terms
 
         _, offloaded = activation_terms(shape, layout, seq_len)
-        host_bytes += 2 * offloaded * layout.grad_accum
-    if host_bytes:
+        # Activations always go to host memory; checkpoints to the tier.
+        bw = cal.host_bw if layout.offload_activations else tier_bandwidth(layout, cal)
+        copy_seconds += 2 * offloaded * layout.grad_accum / bw
+    if copy_seconds:
         # Copies overlap compute on GPU (separate streams) only partly: count half.
-        terms["host_transfers"] = 0.5 * host_bytes / cal.host_bw
+        terms["host_transfers"] = 0.5 * copy_seconds
+    kv_seconds = chunked_kv_traffic(shape, layout, seq_len) / tier_bandwidth(layout, cal)
+    if kv_seconds:
+        # Moved by a background thread, one chunk ahead, while the layers compute, but over the link the other
+        # copies use: like them half counted, or all that exceeds the compute when the tier is the slower.
+        terms["sequence_chunk_kv"] = max(0.5 * kv_seconds, kv_seconds - compute)
     total = sum(terms.values())
     tokens = layout.dp * layout.micro_batch * layout.grad_accum * seq_len
     return StepEstimate(total, tokens, terms)

@@ -1,17 +1,22 @@
 """Offload tiers (host memory, disk), optimizer state swapping and gradient offload: tensors come back bit for
 bit, the files go away, and a swapped AdamW or offloaded gradients train, checkpoint and resume exactly like the
-plain run."""
+plain run. The tiers' background I/O: a get right after a put, a handle dropped mid-write, close, a failed write,
+the bound on bytes in flight, and overlapped training bit for bit like synchronous."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
+from longtune.parallel import offload
 from longtune.parallel.backend import BackendSettings
 from longtune.parallel.dims import ParallelDims
 from longtune.parallel.layout import Layout
 from longtune.parallel.native_backend import NativeBackend
-from longtune.parallel.offload import DiskTier, GradientOffload, HostTier, OptimizerStateSwap
+from longtune.parallel.offload import DiskTier, GradientOffload, HostTier, OptimizerStateSwap, read_all
+from longtune.parallel.offload_io import offload_wait_seconds
 from longtune.parallel.recompute import apply_recompute
 from longtune.train.model import build_config, build_model, resolve_model_source
 
@@ -29,24 +34,133 @@ SETTINGS = BackendSettings(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.
 
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("tier", ["host", "disk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_a_tier_gives_back_the_same_tensor(tier, dtype, tmp_path):
-    store = HostTier() if tier == "host" else DiskTier(tmp_path)
+def test_a_tier_gives_back_the_same_tensor(tier, dtype, overlap, tmp_path):
+    store = HostTier(overlap=overlap) if tier == "host" else DiskTier(tmp_path, overlap=overlap)
     x = (torch.randn(3, 7, 5) * 100).to(dtype)[:, ::2]  # not contiguous
-    back = store.get(store.put(x))
+    back = store.get(store.put(x))  # right after the put: its write may still be running
     assert back.dtype == dtype and back.shape == x.shape and torch.equal(back, x)
+    handle = store.put(x)
+    assert store.prefetch(handle) is (overlap and tier == "disk")
+    assert torch.equal(store.get(handle), x)
+    assert torch.equal(store.get(handle), x)  # a second get reads again
 
 
 def test_disk_files_go_with_their_handles_and_the_directory_with_the_tier(tmp_path):
     store = DiskTier(tmp_path / "offload")
     first, second = store.put(torch.ones(4)), store.put(torch.zeros(2))
+    store.flush()
     assert sorted(p.name for p in store.directory.iterdir()) == ["0.bin", "1.bin"]
     del first
     assert [p.name for p in store.directory.iterdir()] == ["1.bin"]
     assert torch.equal(store.get(second), torch.zeros(2))
     store.close()
     assert not (tmp_path / "offload").exists()  # its own directory, then the emptied parent
+
+
+@pytest.fixture
+def gated_writes(monkeypatch):
+    """Disk tiers made after this write only once the returned event is set (a write that is still running)."""
+    gate = threading.Event()
+    original = offload._write_file
+
+    def write(entry, tensor):
+        assert gate.wait(10)
+        original(entry, tensor)
+
+    monkeypatch.setattr(offload, "_write_file", write)
+    return gate
+
+
+def _still_blocked(call) -> threading.Thread:
+    """`call` in a thread that is still running 0.2 s later."""
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive()
+    return thread
+
+
+def test_a_handle_dropped_before_its_write_ends_leaves_no_file(tmp_path, gated_writes):
+    store = DiskTier(tmp_path)
+    kept, dropped = store.put(torch.ones(8)), store.put(torch.zeros(8))
+    assert dropped.entry.writing
+    del dropped
+    gated_writes.set()
+    store.flush()
+    assert [p.name for p in store.directory.iterdir()] == ["0.bin"]
+    assert torch.equal(store.get(kept), torch.ones(8))
+    assert store._io.in_flight == 0
+
+
+def test_close_waits_for_the_writes_then_removes_the_directory(tmp_path, gated_writes):
+    store = DiskTier(tmp_path / "offload")
+    handle = store.put(torch.ones(8))
+    closing = _still_blocked(store.close)
+    gated_writes.set()
+    closing.join(10)
+    assert not closing.is_alive() and not handle.entry.writing and not (tmp_path / "offload").exists()
+
+
+def test_a_failed_background_write_is_raised_by_the_next_call_and_by_its_get(tmp_path, monkeypatch):
+    def full_disk(entry, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(offload, "_write_file", full_disk)
+    store = DiskTier(tmp_path)
+    handle = store.put(torch.ones(8))
+    handle.entry.write.result()  # the write has ended (failed)
+    with pytest.raises(RuntimeError, match="an offload write failed.*No space left"):
+        store.put(torch.ones(8))
+    with pytest.raises(OSError, match="No space left"):
+        store.get(handle)
+
+
+def test_bytes_in_flight_stay_within_the_bound(tmp_path, gated_writes):
+    nbytes = 8 * 4
+    store = DiskTier(tmp_path, max_bytes=3 * nbytes)
+    handles = [store.put(torch.full((8,), float(i))) for i in range(3)]
+    assert store._io.in_flight == 3 * nbytes
+    fourth = []
+    putting = _still_blocked(lambda: fourth.append(store.put(torch.full((8,), 3.0))))  # waits for room
+    assert store._io.in_flight == 3 * nbytes
+    gated_writes.set()
+    putting.join(10)
+    handles += fourth
+    store.flush()
+    assert store._io.in_flight == 0
+    big = store.put(torch.ones(4 * 8))  # larger than the bound: written in the caller
+    assert big.entry.write is None and store._io.in_flight == 0
+    # Prefetched reads hold their bytes until taken: the third does not fit (and does not wait).
+    assert [store.prefetch(h) for h in handles[:3]] == [True, True, True]
+    assert store.prefetch(handles[3]) is False
+    assert torch.equal(store.get(handles[0]), torch.zeros(8))
+    assert store.prefetch(handles[3]) is True
+    del handles[1]  # prefetched, never taken: its bytes come back with the handle
+    for value, handle in zip((2.0, 3.0), handles[1:], strict=True):
+        assert torch.equal(store.get(handle), torch.full((8,), value))
+    store.close()
+    assert store._io.in_flight == 0
+
+
+def test_read_all_reads_ahead_in_order(tmp_path):
+    store = DiskTier(tmp_path, max_bytes=2 * 8 * 4)
+    tensors = [torch.full((8,), float(i)) for i in range(5)]
+    handles = [store.put(t) for t in tensors]
+    for want, got in zip(tensors, read_all(store, handles), strict=True):
+        assert torch.equal(got, want) and store._io.in_flight <= store._io.max_bytes
+    assert handles == [None] * 5 and not list(store.directory.iterdir())
+
+
+def test_offload_wait_seconds_counts_time_blocked_in_tier_calls(tmp_path, gated_writes):
+    store = DiskTier(tmp_path)
+    handle = store.put(torch.ones(8))
+    before = offload_wait_seconds()
+    threading.Timer(0.3, gated_writes.set).start()
+    store.get(handle)  # waits for the write
+    assert offload_wait_seconds() - before >= 0.25
 
 
 def _tiny(layers: int = 2):
@@ -65,20 +179,25 @@ def test_checkpoint_offload_to_disk_gives_identical_gradients(tmp_path):
         return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 
     base = grads(recompute("none"))
-    seen = []
-    original_put = DiskTier.put
+    seen, prefetched = [], []
+    original_put, original_prefetch = DiskTier.put, DiskTier.prefetch
 
     def counting_put(self, tensor):
         seen.append(tensor.shape)
         return original_put(self, tensor)
 
-    DiskTier.put = counting_put
+    def counting_prefetch(self, handle):
+        prefetched.append(handle.entry.place.name)
+        return original_prefetch(self, handle)
+
+    DiskTier.put, DiskTier.prefetch = counting_put, counting_prefetch
     try:
         got = grads(recompute("full", offload_checkpoints=True, offload_dir=str(tmp_path)))
     finally:
-        DiskTier.put = original_put
+        DiskTier.put, DiskTier.prefetch = original_put, original_prefetch
     hidden = _tiny().config.hidden_size
     assert seen == [torch.Size([2, 48, hidden])] * 2  # the two layers' input hidden states, nothing else
+    assert prefetched == ["0.bin"]  # layer 0's input, read ahead when backward took layer 1's
     for name in base:
         torch.testing.assert_close(got[name], base[name], rtol=0, atol=1e-7, msg=name)
 
@@ -153,6 +272,7 @@ def test_gradient_offload_gives_the_same_gradients_over_micro_batches(tier, tmp_
         assert all(p.grad is None for p in offloaded.parameters())
         assert offload.pending == len(list(offloaded.parameters()))
     if tier == "disk":  # one file per parameter: each micro-batch's sum replaced the previous one
+        offload.tier.flush()  # the writes behind have landed
         assert len(list(offload.tier.directory.iterdir())) == offload.pending
     offload.restore()
     assert offload.pending == 0
@@ -175,6 +295,26 @@ def test_native_backend_with_gradient_offload_trains_exactly_like_the_plain_one(
     assert offloaded._grad_offload.pending == 0
     for a, b in zip(plain.model.parameters(), offloaded.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_overlapped_offload_to_disk_trains_bit_for_bit_like_synchronous_offload(tmp_path, monkeypatch):
+    """Checkpoints, optimizer state and gradients on disk, with and without overlap, against no offload."""
+    torch.manual_seed(0)
+    batches = [torch.randint(3, 300, (2, 32)) for _ in range(3)]
+    layouts = {name: Layout(micro_batch=2, dtype="float32", recompute="full", offload_checkpoints=on,
+                            optimizer_swap=on, offload_gradients=on, offload_tier="disk" if on else "host",
+                            offload_dir=str(tmp_path / name) if on else None)
+               for name, on in (("plain", False), ("sync", True), ("overlap", True))}
+    backends = {}
+    for name, layout in layouts.items():
+        monkeypatch.setenv("LONGTUNE_OFFLOAD_OVERLAP", "0" if name == "sync" else "1")
+        backends[name] = NativeBackend(SETTINGS, layout, ParallelDims(world_size=1), torch.device("cpu"),
+                                       lambda device: _tiny())
+        _train(backends[name], batches)
+    assert [backends[n]._grad_offload.tier._io.overlap for n in ("sync", "overlap")] == [False, True]
+    models = [backend.model for backend in backends.values()]
+    for a, b, c in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_gradient_offload_refuses_several_processes():

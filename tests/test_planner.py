@@ -9,6 +9,7 @@ from conftest import PYTHON, REPO, run
 from longtune.parallel.dims import ParallelDims
 from longtune.parallel.layout import Layout
 from longtune.parallel.memory_model import (
+    GIB,
     ModelShape,
     activation_terms,
     attention_saved_per_token,
@@ -24,9 +25,17 @@ from longtune.parallel.memory_model import (
     sequence_parallel_buffers,
     weights_bytes,
 )
-from longtune.parallel.planner import Hardware, enumerate_layouts, layout_problem, max_length, plan
+from longtune.parallel.planner import (
+    Hardware,
+    enumerate_layouts,
+    layout_problem,
+    max_length,
+    plan,
+    sequence_chunk_counts,
+)
 from longtune.parallel.time_model import (
     Calibration,
+    chunked_kv_traffic,
     communication,
     document_fill,
     kernel_length,
@@ -91,6 +100,11 @@ def test_activations_by_hand():
     assert model_level_saved_bytes(SMALL, FP32, L) == L * (3 * 4 * 8 + 4 + 2 * 4 * 4 + 24)
 
 
+def _freed_by_step(mem) -> float:
+    """The forward's saved tensors, gone by the optimizer step (its transient replaces them)."""
+    return sum(mem.device.get(k, 0.0) for k in ("activations", "model_level_activations", "attention_mask"))
+
+
 def test_unsharded_gradients_by_phase():
     # One process: while the activations peak only lm_head's, the final norm's and one layer's
     # gradients exist; all 4·P of them only at the optimizer step. The final norm's 12·h per token is freed
@@ -103,7 +117,8 @@ def test_unsharded_gradients_by_phase():
     assert plain.transient["layer_backward"] == pytest.approx(
         kept_logits_bytes(SMALL, FP32, L) + max(layer_backward_phases(SMALL, FP32, L).values()) + top - 12 * 8 * L)
     cpu = memory_breakdown(SMALL, FP32, L, host_is_device=True)
-    assert cpu.transient["optimizer_step"] == 4 * SMALL.params + 2 * 4 * SMALL.vocab * SMALL.hidden
+    assert cpu.transient["optimizer_step"] == (4 * SMALL.params + 2 * 4 * SMALL.vocab * SMALL.hidden
+                                               - _freed_by_step(cpu))
     # Sharded (FSDP), offloaded or pipelined gradients stay a standing term, with no step transient.
     for layout in (Layout(sharding="fsdp", dp=2, dtype="float32"), Layout(pp=2, dtype="float32")):
         mem = memory_breakdown(SMALL, layout, L)
@@ -114,7 +129,7 @@ def test_unsharded_gradients_by_phase():
     ddp = Layout(dp=2, dtype="float32")
     mem = memory_breakdown(SMALL, ddp, L, host_is_device=True)
     assert mem.device["gradients"] == 4 * SMALL.params
-    assert mem.transient["optimizer_step"] == 2 * 4 * SMALL.vocab * SMALL.hidden
+    assert mem.transient["optimizer_step"] == 2 * 4 * SMALL.vocab * SMALL.hidden - _freed_by_step(mem)
     assert mem.transient["logits_loss"] == logits_loss_bytes(SMALL, ddp, L)
 
 
@@ -158,6 +173,9 @@ def test_transients_by_hand():
     # logits, log-softmax, their gradients: 4 × tokens × vocab × 4 bytes.
     assert logits_loss_bytes(SMALL, FP32, L) == 4 * L * 32 * 4
     assert logits_loss_bytes(SMALL, Layout(tiled_loss_chunk=4, dtype="float32"), L) == 4 * 4 * 32 * 4
+    # Tensor parallelism: each rank holds vocab / tp of the logits (not with tied embeddings), none kept whole.
+    assert logits_loss_bytes(SMALL, Layout(tp=2, dtype="float32"), L) == L * 16 * 4 * 4
+    assert kept_logits_bytes(SMALL, Layout(tp=2, dtype="float32"), L) == 0
     # Backward through one layer: max(3 MLP gradients + 2 hidden, dq dk dv dout + 1 hidden).
     assert max(layer_backward_phases(SMALL, FP32, L).values()) == L * 4 * max(3 * 16 + 2 * 8, 4 * 8 + 8)
     assert recompute_working_set(SMALL, FP32, L) == 0
@@ -194,6 +212,97 @@ def test_layer_backward_phases_by_hand():
         kept_logits_bytes(SMALL, uly, L) - 5 * 12 * 8 + max(phases.values()))
     # Without recomputation the saved tensors are standing activations; the phases add gradients only.
     assert layer_backward_phases(SMALL, FP32, L) == {"mlp": L * 256, "attention": L * 160}
+
+
+def test_sequence_chunked_layer_by_hand():
+    # SMALL, fp32, 10 tokens in 2 chunks of 5. Each layer keeps its input only (8 floats per token), as under
+    # full recompute, whatever `recompute` says.
+    chunked = Layout(sequence_chunks=2, dtype="float32")
+    assert activation_terms(SMALL, chunked, L) == activation_terms(SMALL, Layout(recompute="full", dtype="float32"), L)
+    # One chunk's recomputed backward (5 tokens): MLP phase 528 recomputed + 256 gradients per token; attention
+    # phase 528 - 356 freed + 160 gradients. Then the whole sequence's output and input gradients (fp32 stream,
+    # 2 x 32 per token), two chunks' K/V (5 tokens x 32 bytes) and three fp32 tensors of their size, and the
+    # chunk's parameter gradients (592 fp32).
+    spans = 2 * 32 * L + 5 * 32 * (2 + 3) + 4 * 592
+    assert layer_backward_phases(SMALL, chunked, L) == {"mlp": 5 * 784 + spans, "attention": 5 * 332 + spans}
+    assert recompute_working_set(SMALL, chunked, L) == 5 * 528
+    # Every layer's K/V (2 layers x 10 tokens x 32 bytes) and one layer's fp32 dK/dV go to the tier; an offloaded
+    # input comes back whole for the layer's backward (on a GPU).
+    offloaded = Layout(sequence_chunks=2, recompute="full", offload_checkpoints=True, dtype="float32")
+    mem = memory_breakdown(SMALL, offloaded, L)
+    assert (mem.host["sequence_chunk_kv"], mem.host["sequence_chunk_kv_grads"]) == (2 * L * 32, L * 32)
+    assert max(layer_backward_phases(SMALL, offloaded, L).values()) == 5 * 784 + spans + 32 * L
+    disk = memory_breakdown(SMALL, Layout(sequence_chunks=2, recompute="full", offload_checkpoints=True,
+                                          offload_tier="disk", dtype="float32"), L)
+    assert disk.peak_disk == 2 * L * 32 + L * 32 + 2 * L * 32 and "sequence_chunk_kv" not in disk.host
+
+
+def test_sequence_chunks_lower_the_peak_by_the_layer_working_set():
+    shape = resolve_shape("llama-3-8b")
+    base = dict(sharding="fsdp", recompute="full", offload_checkpoints=True, offload_optimizer=True,
+                offload_params=True, tiled_loss_chunk=2048, tiled_mlp_chunk=4096)
+    length = 262144
+    plain = memory_breakdown(shape, Layout(**base), length)
+    chunked = memory_breakdown(shape, Layout(**base, sequence_chunks=16), length)
+    # The standing device terms are the same; only the layer's backward shrinks, by the difference of the two
+    # working sets; the K/V wait in host memory.
+    assert chunked.device == plain.device
+    saved = (max(layer_backward_phases(shape, Layout(**base), length).values())
+             - max(layer_backward_phases(shape, Layout(**base, sequence_chunks=16), length).values()))
+    assert saved > 10 * GIB
+    assert plain.transient["layer_backward"] - chunked.transient["layer_backward"] == pytest.approx(saved)
+    assert chunked.peak_device < plain.peak_device
+    # layers x tokens x (K, V) x KV heads x head_dim x bf16
+    assert chunked.host["sequence_chunk_kv"] == 32 * length * 2 * 8 * 128 * 2
+
+
+def test_sequence_chunk_time():
+    shape = resolve_shape("llama-3-8b")
+    cal = Calibration.gpu_default()
+    full = Layout(recompute="full")
+    # Recomputed once (not twice under recompute=full), the same attention FLOPs, kernels over L / chunks.
+    for chunked in (Layout(sequence_chunks=8), Layout(recompute="full", sequence_chunks=8)):
+        assert step_flops(shape, chunked, 65536) == step_flops(shape, full, 65536)
+    assert kernel_length(Layout(sp_ulysses=4, sequence_chunks=8), 65536) == 8192
+    # K/V tier traffic per layer: write C, then (N - 1) / 2 passes of C read forward, twice backward, and the fp32
+    # accumulators (2 x C) read and written: C (1 + 3.5 x (3 + 4)) for 8 chunks.
+    layer_kv = 65536 * 2 * 8 * 128 * 2
+    assert chunked_kv_traffic(shape, Layout(sequence_chunks=8), 65536) == 32 * layer_kv * (1 + 3.5 * 7)
+    assert chunked_kv_traffic(shape, full, 65536) == 0
+    # Half hidden behind the compute, like the other copies, unless the tier is slower than it: then all the excess.
+    assert step_time(shape, Layout(sequence_chunks=8), 65536, cal).terms["sequence_chunk_kv"] == pytest.approx(
+        0.5 * 32 * layer_kv * 25.5 / cal.host_bw)
+    cal.disk_bw = 1e6
+    slow = step_time(shape, Layout(sequence_chunks=8, recompute="full", offload_checkpoints=True,
+                                   offload_tier="disk"), 65536, cal)
+    compute = slow.terms["dense_compute"] + slow.terms["attention_compute"]
+    assert slow.terms["sequence_chunk_kv"] == pytest.approx(32 * layer_kv * 25.5 / 1e6 - compute)
+
+
+def test_planner_chunks_only_where_needed():
+    shape = resolve_shape("llama-3-8b")
+    assert sequence_chunk_counts(262144) == [4, 8, 16, 32] and sequence_chunk_counts(12288) == []
+    for refused in (Layout(recompute="full", sp_ring=2, sequence_chunks=4), Layout(sequence_chunks=4),
+                    Layout(recompute="full", sharding="zero3", dp=2, sequence_chunks=4)):
+        assert layout_problem(shape, refused, 65536) is not None
+    assert "does not divide" in layout_problem(shape, Layout(recompute="full", sequence_chunks=3), 65536)
+    one = Hardware(gpus=1, gpu_mem_gib=80, host_mem_gib=1024, gpus_per_node=1)
+    cal = Calibration.gpu_default()
+    short = [r for r in plan(shape, 131072, one, cal) if r.fits]
+    assert short[0].layout.sequence_chunks == 1  # unchunked layouts fit: chunking would only cost
+    assert any(r.layout.sequence_chunks > 1 for r in short)
+    long = [r for r in plan(shape, 1 << 20, one, cal) if r.fits]
+    assert long and all(r.layout.sequence_chunks > 1 for r in long)
+    for row in long:  # every chunked layout it may pick is one the recipe loader accepts
+        recipe = recipe_for_layout(row.layout, "llama-3-8b", 1 << 20)
+        assert recipe.memory.sequence_chunks == row.layout.sequence_chunks
+        assert layout_from_recipe(recipe, 1).describe() == row.layout.describe()
+    # Without host memory for the K/V and checkpoints the disk tier holds them, within the node's NVMe.
+    small_host = Hardware(gpus=1, gpu_mem_gib=80, host_mem_gib=160, gpus_per_node=1)
+    best = next(r for r in plan(shape, 1 << 20, small_host, cal) if r.fits)
+    assert best.layout.offload_tier == "disk" and best.memory.peak_disk > 300 * GIB
+    no_disk = Hardware(gpus=1, gpu_mem_gib=80, host_mem_gib=160, gpus_per_node=1, disk_gib=100)
+    assert not any(r.fits for r in plan(shape, 1 << 20, no_disk, cal))
 
 
 def test_monotonicity():

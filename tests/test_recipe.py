@@ -82,8 +82,8 @@ def test_cross_field_checks():
 def test_capabilities_not_built_yet_are_refused_by_name():
     with pytest.raises(RecipeError, match="memory.recompute_modules is for memory.recompute=selective or full"):
         recipe_from_dict({"memory": {"recompute_modules": ["mlp"]}})
-    with pytest.raises(RecipeError, match=r"^recipe: memory.tiled_loss with parallel.tp > 1: not available yet"):
-        recipe_from_dict({"parallel": {"tp": 2}, "memory": {"tiled_loss": True}})
+    with pytest.raises(RecipeError, match=r"^recipe: memory.tiled_mlp with parallel.tp > 1: not available yet"):
+        recipe_from_dict({"parallel": {"tp": 2}, "memory": {"tiled_mlp": True}})
     assert recipe_from_dict({"parallel": {"pp": 2, "tp": 2}}).parallel.model_parallel_size == 4
     assert recipe_from_dict({"parallel": {"sp": {"ring": 2, "ulysses": 2}}}).parallel.sp.degree == 4
 

@@ -1,13 +1,18 @@
 """Tensor parallelism (DTensor): 3-step loss curves equal the single-process run (fp32, 1e-5) for tp 2
 alone and mixed with sequence and data parallelism, a tp checkpoint resumes, the export equals the
-1-process export, `longtune parity` finds the same loss and gradients, and bad layouts are refused
-with the numbers named."""
+1-process export, `longtune parity` finds the same loss and gradients (also with the tiled loss over
+the vocabulary-parallel lm_head), the vocabulary-parallel cross-entropy equals torch's, and bad layouts
+are refused with the numbers named."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import time
 
-from conftest import assert_close_curves, assert_same_export, longtune, losses, metrics
+import pytest
+import torch
+
+from conftest import RUN_TIMEOUT_S, assert_close_curves, assert_same_export, free_port, longtune, losses, metrics
 
 ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false")
 
@@ -63,13 +68,73 @@ def test_four_process_mixes_equal_one_process(mix, llama_reference, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [
-    pytest.param(["model.name_or_path=tiny-qwen2"], id="qwen2"),  # q/k/v biases are split with their rows
+    # q/k/v biases are split with their rows; the loss in chunks over the vocabulary-parallel lm_head
+    pytest.param(["model.name_or_path=tiny-qwen2", "memory.tiled_loss=true", "memory.tiled_loss_chunk=50"],
+                 id="qwen2-tiled-loss"),
     # 4 processes: tp inside each ring rank (slow: CI time; tp2 × ulysses2 curves stay in the default suite)
     pytest.param(["parallel.sp.ring=2"], id="llama-ring2", marks=pytest.mark.slow),
 ])
 def test_parity_command_compares_gradients_under_tp(layout):
-    proc = longtune("parity", "tiny-smoke", "parallel.tp=2", *layout, "--steps", "1")
+    # fp32: loss and every parameter's gradient within 1e-5 (relative) of the float64 one-process run
+    proc = longtune("parity", "tiny-smoke", "parallel.tp=2", *layout, "--steps", "1", "--tol", "1e-5")
     assert "tp 2)" in proc.stdout and "| 1 |" in proc.stdout and proc.stdout.strip().endswith("PASS"), proc.stdout
+
+
+def _vocab_parallel_worker(rank: int, port: int) -> None:
+    """One of 2 ranks: vocabulary-parallel cross-entropy against torch's on the full logits."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from longtune.parallel.tiling import TiledLMHead, lm_head_computes_loss
+    from longtune.train.data import IGNORE_INDEX
+    from longtune.train.loss import token_loss_sum
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    vocab = 301  # uneven: 151 + 150 rows
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=gen)
+    labels = torch.randint(0, vocab, (2, 9), generator=gen)
+    labels[0, :4] = IGNORE_INDEX
+    labels[1, 0], labels[1, 1] = 0, vocab - 1  # the first and the last row of the vocabulary
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(16, vocab, bias=False)
+        head = torch.nn.Linear(16, vocab, bias=False)
+        head.load_state_dict(ref.state_dict())
+        parallelize_module(head, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+        assert head.weight.to_local().shape[0] == 151 - rank
+        x, x_ref = (hidden.to(dtype).requires_grad_() for _ in range(2))
+        with lm_head_computes_loss(labels, token_loss_sum):
+            loss = TiledLMHead(head.to(dtype), None)(x)
+        want = token_loss_sum(ref.to(dtype)(x_ref), labels)
+        loss.backward()
+        want.backward()
+        tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+        torch.testing.assert_close(head.weight.grad.full_tensor(), ref.weight.grad, **tol)
+        with torch.no_grad():  # outside the loss context: the whole logits, gathered
+            torch.testing.assert_close(TiledLMHead(head, None)(hidden.to(dtype)), ref(hidden.to(dtype)), **tol)
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow  # CI time: the parity run above covers the same loss through the whole model
+def test_vocab_parallel_cross_entropy_equals_torch():
+    import torch.multiprocessing as mp
+
+    procs = mp.start_processes(_vocab_parallel_worker, args=(free_port(),), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("vocab-parallel workers did not finish in time")
 
 
 # -- refusals, without processes ------------------------------------------------------------------

@@ -14,7 +14,15 @@ from torch.utils._pytree import tree_flatten
 
 from longtune.parallel.layout import Layout
 from longtune.parallel.recompute import apply_recompute
-from longtune.parallel.tiling import TiledLMHead, TiledMLP, apply_tiled_loss, apply_tiled_mlp, lm_head_computes_loss
+from longtune.parallel.tiling import (
+    DeferredNorm,
+    TiledLMHead,
+    TiledMLP,
+    apply_tiled_loss,
+    apply_tiled_mlp,
+    install_loss_head,
+    lm_head_computes_loss,
+)
 from longtune.train.data import IGNORE_INDEX
 from longtune.train.loss import token_loss_sum
 from longtune.train.model import build_config, build_model, resolve_model_source
@@ -73,6 +81,31 @@ def test_tiled_loss_equals_untiled(chunk):
     model = _tiny()
     assert apply_tiled_loss(model, chunk)
     _assert_same(_loss_and_grads(model, ids, labels, tiled=True), ref)
+
+
+def test_loss_head_in_one_piece_equals_untiled():
+    # chunk None: the head tensor parallelism installs (there on vocabulary-sharded logits)
+    ids, labels = _batch()
+    ref = _loss_and_grads(_tiny(), ids, labels, tiled=False)
+    model = _tiny()
+    assert install_loss_head(model, None, "test").chunk is None
+    _assert_same(_loss_and_grads(model, ids, labels, tiled=True), ref)
+    assert apply_tiled_loss(model, 5) and model.lm_head.chunk == 5  # tiled loss then chunks that head
+    model.zero_grad(set_to_none=True)
+    _assert_same(_loss_and_grads(model, ids, labels, tiled=True), ref)
+
+
+def test_tiled_loss_runs_the_final_norm_in_its_chunks():
+    # The norm's input is all the forward keeps of it; each chunk applies the norm inside its checkpoint.
+    ids, labels = _batch()
+    model = _tiny()
+    apply_tiled_loss(model, 5)
+    assert isinstance(model.model.norm, DeferredNorm)
+    calls: list[int] = []
+    model.model.norm._checkpoint_wrapped_module.register_forward_hook(lambda _m, a, _o: calls.append(a[0].shape[1]))
+    _loss_and_grads(model, ids, labels, tiled=True)
+    # 37 positions in chunks of 5: forward, then each chunk's recomputation in backward (last chunk first)
+    assert calls[:8] == [5] * 7 + [2] and sorted(calls[8:]) == [2] + [5] * 7
 
 
 def test_tiled_lm_head_gives_logits_outside_the_loss_context():

@@ -9,6 +9,7 @@ from pathlib import Path
 from longtune.parallel.backend import BackendSettings, create_backend
 from longtune.parallel.dims import all_reduce_max, barrier, init_process_group, launched_world
 from longtune.parallel.layout import Layout
+from longtune.parallel.offload_io import offload_wait_seconds
 from longtune.parallel.watchdog import start_watchdog
 
 from .checkpoint import (
@@ -74,7 +75,7 @@ def _train(recipe: Recipe, run) -> Path:
     backend.train_mode()
     last = None
     for step in range(start_step, tr.max_steps):
-        started = time.perf_counter()
+        started, waited = time.perf_counter(), offload_wait_seconds()
         lr = backend.lr
         totals = backend.run_micro_batches([run.model_inputs(mb) for mb in run.batches.for_step(step)],
                                            token_loss_sum)
@@ -88,6 +89,7 @@ def _train(recipe: Recipe, run) -> Path:
             "grad_norm": grad_norm, "tokens": int(totals.real_tokens), "tokens_seen": tokens_seen,
             "tokens_per_s": totals.real_tokens / elapsed,
             "peak_mem_gib": all_reduce_max(peak_memory_gib(device), device), "step_time_s": elapsed,
+            "offload_wait_s": all_reduce_max(offload_wait_seconds() - waited, device),
         }
         logger.log_step(last)
         done = step + 1

@@ -106,7 +106,7 @@ def _autocast(device_type: str, bf16: bool) -> contextlib.AbstractContextManager
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _layout_gradients(run: RunSetup, model: torch.nn.Module, step: int, tiled_loss: bool) -> tuple[float, Gradients]:
+def _layout_gradients(run: RunSetup, model: torch.nn.Module, step: int) -> tuple[float, Gradients]:
     model.zero_grad(set_to_none=True)
     micro = [run.model_inputs(mb) for mb in run.batches.for_step(step)]
     count, = all_reduce_sum([sum(mb.counted_tokens for mb in micro)], run.device)
@@ -115,8 +115,7 @@ def _layout_gradients(run: RunSetup, model: torch.nn.Module, step: int, tiled_lo
     # data-parallel wrapper.
     with _autocast(run.device.type, bf16):
         local = forward_backward(micro, lambda **inputs: model(**inputs, use_cache=False).logits,
-                                 lambda loss, last: loss.backward(), token_loss_sum, 1.0 / max(count, 1.0),
-                                 tiled_loss=tiled_loss)
+                                 lambda loss, last: loss.backward(), token_loss_sum, 1.0 / max(count, 1.0))
     total, = all_reduce_sum([local], run.device)
     grads = {}
     for name, p in model.named_parameters():
@@ -186,7 +185,7 @@ def check_parity(recipe, steps: int, tol: float | None = None) -> list[StepParit
         print("|---|---|---|---|---|---|---|---|---|---|---|")
     results: list[StepParity] = []
     for step in range(steps):
-        loss, grads = _layout_gradients(run, model, step, tiled_loss=bool(layout.tiled_loss_chunk))
+        loss, grads = _layout_gradients(run, model, step)
         if run.rank != 0:
             continue
         ref_loss, ref_grads = _one_process_gradients(run, reference, step, torch.float64)

@@ -91,7 +91,7 @@ def layout_from_recipe(recipe, world: int) -> Layout:
                   offload_gradients=mem.offload.gradients, offload_tier=mem.offload.tier,
                   tiled_loss_chunk=mem.tiled_loss_chunk if mem.tiled_loss else 0,
                   tiled_mlp_chunk=mem.tiled_mlp_chunk if mem.tiled_mlp else 0,
-                  micro_batch=tr.micro_batch_size,
+                  sequence_chunks=mem.sequence_chunks, micro_batch=tr.micro_batch_size,
                   grad_accum=tr.global_batch_size // (dp * tr.micro_batch_size), dtype=recipe.model.dtype,
                   attention="sdpa_masked" if masked else "flash", sp_layout=par.sp.layout,
                   tp_sequence_parallel=par.tp_sequence_parallel, pp_schedule=par.pp_schedule,
@@ -131,6 +131,8 @@ def recipe_for_layout(layout: Layout, model: str, seq_len: int, output_dir: str 
         data["memory"]["tiled_loss_chunk"] = layout.tiled_loss_chunk
     if layout.tiled_mlp_chunk:
         data["memory"]["tiled_mlp_chunk"] = layout.tiled_mlp_chunk
+    if layout.sequence_chunks > 1:
+        data["memory"]["sequence_chunks"] = layout.sequence_chunks
     if layout.recompute == "selective":
         data["memory"]["recompute_every"] = layout.recompute_every
         data["memory"]["recompute_modules"] = list(layout.recompute_modules)

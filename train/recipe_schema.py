@@ -97,8 +97,7 @@ def check_not_yet(recipe: Recipe) -> None:
     """Capabilities that later work items add are refused here, by name, rather than ignored."""
     par, mem = recipe.parallel, recipe.memory
     not_yet = {
-        # Tensor parallelism hooks lm_head's and the MLP's inputs; tiling under it is untested.
-        "memory.tiled_loss with parallel.tp > 1": mem.tiled_loss and par.tp > 1,
+        # Tensor parallelism hooks the MLP's input (the sequence-parallel gather); tiling it is untested.
         "memory.tiled_mlp with parallel.tp > 1": mem.tiled_mlp and par.tp > 1,
     }
     missing = [k for k, on in not_yet.items() if on]
@@ -209,8 +208,25 @@ def check_batch(recipe: Recipe) -> None:
                          f"{tr.micro_batch_size} = {per_step})")
 
 
-CONFIG_RULES = (check_not_yet, check_offload, check_recompute, check_backend, check_pipeline_schedule,
-                check_extension, check_batch)
+def check_sequence_chunks(recipe: Recipe) -> None:
+    """memory.sequence_chunks: each layer recomputes chunk by chunk, so it replaces whole-layer recomputation; the
+    chunks are cut from each rank's shard, which works with Ulysses but not with a ring, TP or a pipeline."""
+    par, mem = recipe.parallel, recipe.memory
+    if mem.sequence_chunks == 1:
+        return
+    if mem.recompute != "full" or mem.recompute_modules:
+        raise ValueError(f"memory.sequence_chunks {mem.sequence_chunks} recomputes each decoder layer chunk by "
+                         "chunk in backward: set memory.recompute=full (without memory.recompute_modules)")
+    refused = {"parallel.sp.ring > 1": par.sp.ring > 1, "parallel.tp > 1": par.tp > 1, "parallel.pp > 1": par.pp > 1,
+               "parallel.deepspeed.zero_stage 3": par.backend == "deepspeed" and par.deepspeed.zero_stage == 3}
+    missing = [k for k, on in refused.items() if on]
+    if missing:
+        raise ValueError(f"memory.sequence_chunks does not combine with {', '.join(missing)} (Ulysses, FSDP2, DDP "
+                         "and ZeRO-1/2 do)")
+
+
+CONFIG_RULES = (check_not_yet, check_offload, check_recompute, check_sequence_chunks, check_backend,
+                check_pipeline_schedule, check_extension, check_batch)
 """The rules between sections, in the order a recipe meets them (the first broken one is reported)."""
 
 

@@ -50,13 +50,14 @@ class RunSetup:
         sp = self.recipe.parallel.sp
         if self.dims.pp > 1:
             mb = self._pad_to_seq_len(mb)
-        if self.dims.sp == 1 and self.batches.pose is None:
+        chunks = self.recipe.memory.sequence_chunks
+        if self.dims.sp == 1 and self.batches.pose is None and chunks == 1:
             inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids}
             labels, real = mb.labels, mb.real_tokens
         else:
             shard = shard_micro_batch(mb.input_ids, mb.labels, mb.position_ids, mb.real_mask, dims=self.dims,
                                       rank=self.rank, layout=sp.layout, pad_id=self.pad_id,
-                                      groups=self.sp_groups, kernel=sp.kernel)
+                                      groups=self.sp_groups, kernel=sp.kernel, chunks=chunks)
             inputs = {"input_ids": shard.input_ids, "position_ids": shard.position_ids,
                       "sp_context": shard.context}
             labels, real = shard.labels, shard.real_tokens

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(--gpus, 8)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one device (GiB)")
     p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of one node (GiB)")
+    p.add_argument("--disk-gib", type=float, default=28000.0, help="local NVMe of one node for "
+                   "memory.offload.tier=disk (GiB; default: 8 × 3.84 TB)")
     p.add_argument("--baseline-gib", type=float, default=1.5, help="device memory outside the model's tensors "
                    "(CUDA context, NCCL buffers, fragmentation), GiB")
     p.add_argument("--intra-gbps", type=float, default=None, help="in-node bandwidth per rank, GB/s (bytes)")
@@ -68,7 +70,7 @@ def _hardware(args: argparse.Namespace) -> Hardware:
             raise PlanError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.baseline_gib < 0:
         raise PlanError(f"--baseline-gib must not be negative, got {args.baseline_gib}")
-    for name in ("gpu_mem_gib", "host_mem_gib", "intra_gbps", "inter_gbps"):
+    for name in ("gpu_mem_gib", "host_mem_gib", "disk_gib", "intra_gbps", "inter_gbps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise PlanError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -83,7 +85,7 @@ def _hardware(args: argparse.Namespace) -> Hardware:
     gpus = gpus or 1
     gpn = gpn or min(gpus, 8)
     return Hardware(gpus=gpus, gpu_mem_gib=args.gpu_mem_gib, host_mem_gib=args.host_mem_gib, gpus_per_node=gpn,
-                    baseline_gib=args.baseline_gib)
+                    baseline_gib=args.baseline_gib, disk_gib=args.disk_gib)
 
 
 def _calibration(args: argparse.Namespace) -> Calibration:
@@ -100,11 +102,14 @@ def _calibration(args: argparse.Namespace) -> Calibration:
 
 
 def format_rows(rows: list[PlanRow], top: int) -> str:
-    lines = [f"{'#':>3} {'fits':4} {'layout':58} {'GiB/dev':>8} {'GiB host':>9} {'step s':>9} {'tokens/s':>10}"]
+    """One line per layout; `fits` names what does not fit (host: host memory, disk: the NVMe tier)."""
+    lines = [f"{'#':>3} {'fits':4} {'layout':78} {'GiB/dev':>8} {'GiB host':>9} {'GiB disk':>9} {'step s':>9} "
+             f"{'tokens/s':>10}"]
     for i, r in enumerate(rows[:top], start=1):
-        fits = "yes" if r.fits else ("host" if r.fits_device else "no")
-        lines.append(f"{i:>3} {fits:4} {r.layout.describe():58} {r.memory.peak_device / GIB:8.1f} "
-                     f"{r.memory.peak_host / GIB:9.1f} {r.time.seconds:9.3g} {r.time.tokens_per_s:10.4g}")
+        fits = "yes" if r.fits else "no" if not r.fits_device else "host" if not r.fits_host else "disk"
+        lines.append(f"{i:>3} {fits:4} {r.layout.describe():78} {r.memory.peak_device / GIB:8.1f} "
+                     f"{r.memory.peak_host / GIB:9.1f} {r.memory.peak_disk / GIB:9.1f} {r.time.seconds:9.3g} "
+                     f"{r.time.tokens_per_s:10.4g}")
     return "\n".join(lines)
 
 

@@ -75,6 +75,7 @@ def run_passkey(lm: LoadedModel, lengths: list[int], depths: list[float], trials
                 if progress:
                     progress()
             cells.append({"length": length, "depth": depth, "prompt_tokens": len(prompt.input_ids),
+                          "needle_distance": len(prompt.input_ids) - prompt.needle_start,
                           "accuracy": hits / trials, "trials": trials, "samples": samples})
     return {"prompt": "landmark", "keys": key_form,
             "scoring": f"exact match of the first generated {'word' if key_form == 'word' else 'integer'}",
