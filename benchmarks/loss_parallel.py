@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_model import env  # noqa: E402  (benchmarks/memory_model.py)
+from memory_model import env, measure_baseline  # noqa: E402  (benchmarks/memory_model.py)
 
 ROWS: list[tuple[str, bool, tuple[str, ...]]] = [
     ("replicated lm_head, full logits", True, ()),
@@ -51,16 +51,18 @@ def measure(args: list[str]) -> dict:
     return {"peak_gib": rows[-1]["peak_mem_gib"], "loss": rows[-1]["loss"], "step_s": rows[-1]["step_time_s"]}
 
 
-def modelled(args: list[str]) -> tuple[float, float]:
-    """(logits / loss term, parameter bytes per rank) of the memory model, in MiB."""
-    from longtune.parallel.memory_model import logits_loss_bytes
+def modelled(args: list[str]) -> tuple[float, float, float]:
+    """(logits / loss term, parameter bytes per rank, whole peak above the process baseline) of the memory
+    model, in MiB."""
+    from longtune.parallel.memory_model import logits_loss_bytes, memory_breakdown
     from longtune.train.recipe import load_recipe
     from longtune.train.recipe_layout import layout_from_recipe, shape_for_recipe
 
     recipe = load_recipe("tiny-smoke", args)
     shape, layout = shape_for_recipe(recipe), layout_from_recipe(recipe, 2)
     head = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 1 + 1 / layout.tp)  # lm_head: V / tp rows
-    return logits_loss_bytes(shape, layout, recipe.train.seq_len) / 2**20, 16 * head / 2**20
+    peak = memory_breakdown(shape, layout, recipe.train.seq_len, host_is_device=True).peak_device
+    return logits_loss_bytes(shape, layout, recipe.train.seq_len) / 2**20, 16 * head / 2**20, peak / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,16 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     print(f"tp = 2, tiny-llama (hidden 128, 2 layers), vocabulary {opts.vocab}, {opts.seq_len} tokens, "
           f"{opts.steps} steps; peak RSS of the worst rank")
-    print("| row | peak GiB / rank | model: logits + loss MiB / rank | embeddings + lm_head params MiB "
-          "(w, g, AdamW) | loss (last step) | step s |")
-    print("|---|---|---|---|---|---|")
+    print("| row | peak GiB / rank | memory model GiB (error) | model: logits + loss MiB / rank | embeddings + "
+          "lm_head params MiB (w, g, AdamW) | loss (last step) | step s |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="longtune-loss-parallel-") as tmp:
         for i, (name, tied, extra) in enumerate(ROWS):
             args = overrides(tied, extra, opts.seq_len, opts.vocab, opts.steps, Path(tmp) / f"run{i}")
             got = measure(args)
-            logits_mib, params_mib = modelled(args)
-            print(f"| {name} | {got['peak_gib']:.3f} | {logits_mib:.0f} | {params_mib:.0f} | {got['loss']:.4f} "
-                  f"| {got['step_s']:.2f} |", flush=True)
+            # The same processes stopped before the model: python, torch, transformers, gloo (the model's baseline).
+            baseline = measure_baseline(2, tuple(args[:-1]), Path(tmp), "fixed")["rss"]
+            logits_mib, params_mib, peak_mib = modelled(args)
+            predicted = (baseline + peak_mib * 2**20) / 2**30
+            print(f"| {name} | {got['peak_gib']:.3f} | {predicted:.3f} ({predicted / got['peak_gib'] - 1:+.1%}) | "
+                  f"{logits_mib:.0f} | {params_mib:.0f} | {got['loss']:.4f} | {got['step_s']:.2f} |", flush=True)
     return 0
 
 

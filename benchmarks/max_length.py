@@ -1,10 +1,11 @@
 """Maximum trainable length under one memory budget: stock HF against longtune's memory techniques.
 
-    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/max_length.py [--budget-gib G] [--only NAME,...]
+    OMP_NUM_THREADS=1 python benchmarks/max_length.py [--hidden 256] [--budget-gib G] [--only N,...]
+        [--lengths L,...] [--steps 3] [--json OUT]
 
-One fixed Llama-architecture model whose vocabulary-to-hidden ratio is Llama-3-8B's (128,256 / 4,096 ≈ 31):
-vocabulary 32,000, hidden 1,024, 8 layers, 16 query / 4 KV heads (GQA), intermediate 3,584 (3.5 × hidden, as
-Llama-3), untied embeddings, fp32, AdamW. Rows:
+One Llama-architecture model whose vocabulary-to-hidden ratio is Llama-3-8B's (128,256 / 4,096 ≈ 31), at the
+width `--hidden` (`model_config`: 256 → vocabulary 8,000, 4 query / 1 KV heads; 1,024 → vocabulary 32,000, 16 /
+4 heads), 8 layers, intermediate 3.5 × hidden (as Llama-3), untied embeddings, fp32, AdamW. Rows:
 
 (a) stock HF: transformers' `LlamaForCausalLM` with sdpa, `gradient_checkpointing_enable()`, the model's own
     loss (`labels=`), `torch.optim.AdamW`; a plain script, nothing of longtune imported.
@@ -12,6 +13,8 @@ Llama-3), untied embeddings, fp32, AdamW. Rows:
     checkpoint offload (host tier), then the disk tier for the checkpoints, optimizer swap to disk, nested
     norm checkpoints and gradient offload to disk (all on at the end).
 (c) `longtune train` with every technique and sp = 2 and 4 (Ulysses, gloo processes).
+(d) `longtune train` on one process with every saver of the disk tier and sequence-chunked layers (chunks of
+    CHUNK_TOKENS: each layer's working set is one chunk's, keys/values wait in files).
 
 **The budget** is the peak resident memory of a process (max RSS, `getrusage`), everything included:
 interpreter, libraries, weights, gradients, AdamW state, activations. glibc's mmap threshold is fixed at
@@ -28,6 +31,8 @@ Per row: peaks at two probe lengths give the bytes per token (a linear fit; the 
 absent with sdpa/flash without a mask), the fit predicts the maximum length under the budget, rounded down to a
 multiple of `--granularity`, and a run at that length confirms it (its measured peak is printed next to the
 budget). Tokens/s is from the confirming step, and at a common length that every row fits (`--common-length`).
+With `--lengths` a row runs at those lengths instead of the search: the longest that fits is a confirmed lower
+bound of its maximum (for lengths whose runs take hours).
 """
 
 from __future__ import annotations

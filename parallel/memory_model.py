@@ -389,12 +389,16 @@ def logits_loss_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     fp32 log-softmax saved by cross-entropy, its gradient and the logits' gradient: 4 × tokens × vocab in
     fp32 (bf16 logits add a bf16 copy). Tiled loss: the same for one chunk of positions (recomputed in
     backward), the full logits never exist. Under tensor parallelism each rank holds its `vocab / tp` slice
-    (vocabulary-parallel lm_head and loss; a model with tied embeddings keeps the full vocabulary)."""
+    (vocabulary-parallel lm_head and loss; a model with tied embeddings keeps the full vocabulary), and the
+    vocabulary-parallel cross-entropy (loss_parallel.py) keeps two fp32 copies, not four: the logits and the
+    softmax, whose buffer becomes the logits' gradient."""
     tokens = tokens_per_rank(seq_len, layout)
     if layout.tiled_loss_chunk:
         tokens = min(tokens, layout.micro_batch * layout.tiled_loss_chunk)
     extra = 2 if layout.dtype == "bfloat16" else 0
-    return tokens * _vocab_per_rank(shape, layout) * (4 * 4 + extra)
+    vocab = _vocab_per_rank(shape, layout)
+    copies = 2 if vocab < shape.vocab else 4
+    return tokens * vocab * (copies * 4 + extra)
 
 
 def kept_logits_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:

@@ -78,6 +78,18 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
+#: The common 3-step run of the memory and sequence-parallel curve tests.
+CURVE_ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false", "train.export=false")
+
+
+@pytest.fixture(scope="session")
+def curve_reference(tmp_path_factory) -> Path:
+    """The single-process 3-step run (`CURVE_ARGS`) every memory saver's and layout's curve is compared with."""
+    out = tmp_path_factory.mktemp("curve-reference")
+    longtune("train", *CURVE_ARGS, f"train.output_dir={out}")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """An untrained tiny-llama HF dir with the embedded tokenizer (for tests that need no training)."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_curves, longtune, losses
+from conftest import CURVE_ARGS, assert_close_curves, longtune, losses
 from longtune.parallel.layout import Layout
 from longtune.parallel.recompute import activation_offload, apply_recompute
 from longtune.train.model import build_config, build_model, resolve_model_source
 
-ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false", "train.export=false")
+ARGS = CURVE_ARGS
 
 def recompute(mode: str, every: int = 1, modules: tuple[str, ...] = (), offload_checkpoints: bool = False,
               offload_dir: str | None = None) -> Layout:
@@ -89,13 +89,6 @@ def test_unknown_submodule_is_refused():
         apply_recompute(_tiny().model.layers, recompute("selective", modules=("ffn",)))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mem-ref")
-    longtune("train", *ARGS, f"train.output_dir={out}")
-    return out
-
-
 LAYOUTS = {
     "full": ["memory.recompute=full"],
     "selective-mlp+activation-offload": ["memory.recompute=selective", "memory.recompute_modules=[mlp]",
@@ -126,18 +119,18 @@ LAYOUTS = {
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k == "zero3-selective" else k
                                     for k in LAYOUTS])  # slow: CI time; ZeRO-3 parity is in test_parallel_backends
-def test_three_step_curve_is_unchanged(layout, reference, tmp_path):
+def test_three_step_curve_is_unchanged(layout, curve_reference, tmp_path):
     longtune("train", *ARGS, *LAYOUTS[layout], f"train.output_dir={tmp_path}")
-    assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)
+    assert_close_curves(losses(tmp_path), losses(curve_reference), rel=1e-5)
     assert not (tmp_path / "offload").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_three_step_curve_is_unchanged_with_tiling_and_checkpoint_offload_under_zero3(reference, tmp_path):
+def test_three_step_curve_is_unchanged_with_tiling_and_checkpoint_offload_under_zero3(curve_reference, tmp_path):
     # ZeRO-3 gathers lm_head / MLP weights once per chunk, in forward and again in the recomputation.
     longtune("train", *ARGS, "memory.tiled_loss=true", "memory.tiled_loss_chunk=100", "memory.tiled_mlp=true",
              "memory.tiled_mlp_chunk=100", "memory.recompute=full", "memory.offload.checkpoints=true",
              "parallel.dp=2", "parallel.backend=deepspeed", "parallel.deepspeed.zero_stage=3",
              f"train.output_dir={tmp_path}")
-    assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)
+    assert_close_curves(losses(tmp_path), losses(curve_reference), rel=1e-5)

@@ -173,8 +173,9 @@ def test_transients_by_hand():
     # logits, log-softmax, their gradients: 4 × tokens × vocab × 4 bytes.
     assert logits_loss_bytes(SMALL, FP32, L) == 4 * L * 32 * 4
     assert logits_loss_bytes(SMALL, Layout(tiled_loss_chunk=4, dtype="float32"), L) == 4 * 4 * 32 * 4
-    # Tensor parallelism: each rank holds vocab / tp of the logits (not with tied embeddings), none kept whole.
-    assert logits_loss_bytes(SMALL, Layout(tp=2, dtype="float32"), L) == L * 16 * 4 * 4
+    # Tensor parallelism: each rank holds vocab / tp of the logits (not with tied embeddings), none kept whole;
+    # the vocabulary-parallel cross-entropy keeps the logits and the softmax (which becomes their gradient).
+    assert logits_loss_bytes(SMALL, Layout(tp=2, dtype="float32"), L) == L * 16 * 2 * 4
     assert kept_logits_bytes(SMALL, Layout(tp=2, dtype="float32"), L) == 0
     # Backward through one layer: max(3 MLP gradients + 2 hidden, dq dk dv dout + 1 hidden).
     assert max(layer_backward_phases(SMALL, FP32, L).values()) == L * 4 * max(3 * 16 + 2 * 8, 4 * 8 + 8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_curves, longtune, losses
+from conftest import CURVE_ARGS, assert_close_curves, longtune, losses
 from longtune.parallel.dims import ParallelDims
 from longtune.parallel.layout import Layout
 from longtune.parallel.parallelize import parallelize
@@ -115,7 +115,6 @@ def test_recipe_refuses_what_chunked_layers_do_not_combine_with(overrides, messa
         recipe_from_dict(data)
 
 
-ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false", "train.export=false")
 CHUNKED = ("memory.recompute=full", "memory.sequence_chunks=4")
 CURVES = {
     # Every saver of one process with it: tiled MLP / loss inside the chunks, inputs, keys/values, gradients and
@@ -131,17 +130,10 @@ CURVES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("chunks-ref")
-    longtune("train", *ARGS, f"train.output_dir={out}")
-    return out
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", [k if k in ("one-process+tiling+disk-offload", "ulysses2+fsdp2+tiling")
                                   else pytest.param(k, marks=pytest.mark.slow) for k in CURVES])
-def test_three_step_curve_is_unchanged(case, reference, tmp_path):
-    longtune("train", *ARGS, *CURVES[case], f"train.output_dir={tmp_path}")
-    assert_close_curves(losses(tmp_path), losses(reference), rel=1e-5)
+def test_three_step_curve_is_unchanged(case, curve_reference, tmp_path):
+    longtune("train", *CURVE_ARGS, *CURVES[case], f"train.output_dir={tmp_path}")
+    assert_close_curves(losses(tmp_path), losses(curve_reference), rel=1e-5)
     assert not (tmp_path / "offload").exists()

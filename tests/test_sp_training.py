@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_close_curves, longtune, losses, metrics
+from conftest import CURVE_ARGS, assert_close_curves, longtune, losses, metrics
 
 pytestmark = pytest.mark.multiproc
 
-ARGS = ("tiny-smoke", "train.max_steps=3", "train.progress=false", "train.export=false")
+ARGS = CURVE_ARGS
 
 LAYOUTS = {
     "native-zigzag-ring2": ["parallel.sp.ring=2"],
@@ -21,11 +21,9 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def fp32_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sp-ref")
-    longtune("train", *ARGS, f"train.output_dir={out}")
-    return out
+@pytest.fixture
+def fp32_reference(curve_reference):
+    return curve_reference
 
 
 # slow (CI time): DeepSpeed with Ulysses; DeepSpeed with SP stays in the default suite through zero3-dp2-ring2.
