@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .layout import Layout
+from .layout_rules import sequence_chunks_problem as recipe_rule
 from .layout_rules import ulysses_heads_problem
 from .memory_model import GIB, MemoryBreakdown, ModelShape, memory_breakdown
 from .time_model import Calibration, StepEstimate, step_time
@@ -94,14 +95,10 @@ def sequence_chunks_problem(layout: Layout, seq_len: int) -> str | None:
     chunks split each rank's tokens evenly): they replace whole-layer recomputation (recompute full) and
     compose with Ulysses, FSDP2, DDP, ZeRO-1/2, tiling and offload, not with a ring, tp, pp or ZeRO-3."""
     n = layout.sequence_chunks
-    if n == 1:
-        return None
-    if layout.recompute != "full" or layout.recompute_modules:
-        return f"sequence_chunks {n} needs recompute full (without recompute_modules)"
-    refused = {f"sp_ring {layout.sp_ring}": layout.sp_ring > 1, f"tp {layout.tp}": layout.tp > 1,
-               f"pp {layout.pp}": layout.pp > 1, "zero3": layout.sharding == "zero3"}
-    if any(refused.values()):
-        return f"sequence_chunks {n} does not combine with {', '.join(k for k, on in refused.items() if on)}"
+    problem = recipe_rule(n, layout.recompute, layout.recompute_modules, ring=layout.sp_ring, tp=layout.tp,
+                          pp=layout.pp, zero_stage=layout.zero_stage)
+    if problem or n == 1:
+        return problem
     local = seq_len // layout.sp
     if local % n:
         return f"sequence_chunks {n} does not divide the {local} tokens per rank (length {seq_len} / sp {layout.sp})"

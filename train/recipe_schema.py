@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from longtune.data_prep.user_error import UserError
+from longtune.parallel.layout_rules import sequence_chunks_problem
 
 from .recipe_sections import (
     DataSection,
@@ -212,17 +213,11 @@ def check_sequence_chunks(recipe: Recipe) -> None:
     """memory.sequence_chunks: each layer recomputes chunk by chunk, so it replaces whole-layer recomputation; the
     chunks are cut from each rank's shard, which works with Ulysses but not with a ring, TP or a pipeline."""
     par, mem = recipe.parallel, recipe.memory
-    if mem.sequence_chunks == 1:
-        return
-    if mem.recompute != "full" or mem.recompute_modules:
-        raise ValueError(f"memory.sequence_chunks {mem.sequence_chunks} recomputes each decoder layer chunk by "
-                         "chunk in backward: set memory.recompute=full (without memory.recompute_modules)")
-    refused = {"parallel.sp.ring > 1": par.sp.ring > 1, "parallel.tp > 1": par.tp > 1, "parallel.pp > 1": par.pp > 1,
-               "parallel.deepspeed.zero_stage 3": par.backend == "deepspeed" and par.deepspeed.zero_stage == 3}
-    missing = [k for k, on in refused.items() if on]
-    if missing:
-        raise ValueError(f"memory.sequence_chunks does not combine with {', '.join(missing)} (Ulysses, FSDP2, DDP "
-                         "and ZeRO-1/2 do)")
+    zero_stage = par.deepspeed.zero_stage if par.backend == "deepspeed" else 0
+    problem = sequence_chunks_problem(mem.sequence_chunks, mem.recompute, mem.recompute_modules, ring=par.sp.ring,
+                                      tp=par.tp, pp=par.pp, zero_stage=zero_stage)
+    if problem:
+        raise ValueError(problem)
 
 
 CONFIG_RULES = (check_not_yet, check_offload, check_recompute, check_sequence_chunks, check_backend,
