@@ -23,6 +23,7 @@ the module it is in rather than of every module it has passed.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import os
@@ -50,7 +51,7 @@ class OffloadHandle:
         weakref.finalize(self, io.discard, entry)
 
 
-class _Tier:
+class _Tier(abc.ABC):
     """put / prefetch / get / flush / close over an `OverlappedIO`; a subclass says how a tensor is stored."""
 
     def __init__(self, io: OverlappedIO) -> None:
@@ -82,8 +83,9 @@ class _Tier:
         """Wait for the writes and reads in flight and stop the tier's threads."""
         self._io.close()
 
+    @abc.abstractmethod
     def _new_entry(self, tensor: torch.Tensor) -> Entry:
-        raise NotImplementedError
+        """The stored tensor's state, with its place (a file path, a host copy) chosen by the tier."""
 
 
 class HostTier(_Tier):
