@@ -98,21 +98,24 @@ def pose_problem(seq_len: int, target_length: int, pp: int) -> str | None:
     return None
 
 
-def sequence_chunks_problem(chunks: int, recompute: str, recompute_modules, *, ring: int, tp: int, pp: int,
-                            zero_stage: int) -> str | None:
+def sequence_chunks_problem(chunks: int, recompute: str, recompute_modules, *, ring: int, ring_layout: str,
+                            tp: int, pp: int, zero_stage: int) -> str | None:
     """Why `memory.sequence_chunks` cannot run with these settings, or None. The chunked layer is each layer's
     recomputation, so it replaces whole-layer recomputation; its chunks are cut from each rank's shard, which
-    works under Ulysses but not with a ring, tensor or pipeline parallelism, and ZeRO-3's partitioned parameters
-    do not reach its custom backward."""
+    works under Ulysses and a ring of contiguous blocks but not with tensor or pipeline parallelism, and ZeRO-3's
+    partitioned parameters do not reach its custom backward."""
     if chunks == 1:
         return None
     if recompute != "full" or recompute_modules:
         return (f"memory.sequence_chunks {chunks} recomputes each decoder layer chunk by chunk in backward: set "
                 "memory.recompute=full (without memory.recompute_modules)")
-    refused = {"parallel.sp.ring > 1": ring > 1, "parallel.tp > 1": tp > 1, "parallel.pp > 1": pp > 1,
+    if ring > 1 and ring_layout != "contiguous":
+        return ("memory.sequence_chunks with a ring cuts each chunk into contiguous ring blocks (each chunk "
+                "balances the causal work itself): set parallel.sp.ring_impl=ring")
+    refused = {"parallel.tp > 1": tp > 1, "parallel.pp > 1": pp > 1,
                "parallel.deepspeed.zero_stage 3": zero_stage == 3}
     missing = [k for k, on in refused.items() if on]
     if missing:
-        return (f"memory.sequence_chunks does not combine with {', '.join(missing)} (Ulysses, FSDP2, DDP and "
-                "ZeRO-1/2 do)")
+        return (f"memory.sequence_chunks does not combine with {', '.join(missing)} (Ulysses, a ring, FSDP2, DDP "
+                "and ZeRO-1/2 do)")
     return None

@@ -289,14 +289,17 @@ def kv_per_token(shape: ModelShape, layout: Layout) -> float:
 
 def chunked_kv_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
     """Every chunk's K and V of every layer: written to the offload tier in forward, kept there until that
-    layer's backward, so at the end of the forward all layers' are there."""
+    layer's backward, so at the end of the forward all layers' are there. With a ring each rank keeps the
+    ring's blocks of every chunk (all-gathered in forward): sp_ring × its own."""
     layers = math.ceil(shape.layers / layout.pp) * layout.pp
-    return layers * tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout)
+    return layers * tokens_per_rank(seq_len, layout) * layout.sp_ring * kv_per_token(shape, layout)
 
 
 def chunked_kv_grad_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> float:
-    """The running layer's dK/dV accumulators for all its chunks (fp32), in the tier during its backward."""
-    return tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout) * KV_GRAD_BYTES / _act_bytes(layout)
+    """The running layer's dK/dV accumulators for all its blocks (fp32; with a ring, the ring's), in the tier
+    during its backward."""
+    return (tokens_per_rank(seq_len, layout) * layout.sp_ring * kv_per_token(shape, layout) * KV_GRAD_BYTES
+            / _act_bytes(layout))
 
 
 def residual_stream_bytes(layout: Layout) -> int:
@@ -313,14 +316,16 @@ def chunked_layer_backward_phases(shape: ModelShape, layout: Layout, seq_len: in
     returns for its input, and the layer's input itself when it comes back from the tier to a separate
     device — plus what chunk i's attention backward holds for an earlier chunk j: two chunks' K/V (j and
     the prefetched j + 1) and three fp32 tensors of their size (j's block gradients, its accumulator read
-    back, their sum), and the chunk's parameter gradients before they join the layer's sum."""
+    back, their sum), with a ring the all-to-all's fp32 dK/dV of the ring's blocks of the chunk (sent and
+    received), and the chunk's parameter gradients before they join the layer's sum."""
     chunk_len = seq_len / layout.sequence_chunks
     phases = layer_backward_phases(shape, one_chunk(layout), chunk_len)
     stream = residual_stream_bytes(layout) * shape.hidden / layout.tp * tokens_per_rank(seq_len, layout)
     back = layout.offload_checkpoints and not (host_is_device and layout.offload_tier == "host")
     whole = (3 if back else 2) * stream
     kv_chunk = tokens_per_rank(chunk_len, layout) * kv_per_token(shape, layout)
-    blocks = kv_chunk * (2 + 3 * KV_GRAD_BYTES / _act_bytes(layout))
+    ring = 2 * layout.sp_ring if layout.sp_ring > 1 else 0
+    blocks = kv_chunk * (2 + (3 + ring) * KV_GRAD_BYTES / _act_bytes(layout))
     param_grads = shape.layer_params / layout.tp * (_act_bytes(layout) if _sharded(layout, "params") else 4)
     return {name: value + whole + blocks + param_grads for name, value in phases.items()}
 

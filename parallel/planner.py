@@ -93,10 +93,10 @@ def layout_problem(shape: ModelShape, layout: Layout, seq_len: int) -> str | Non
 def sequence_chunks_problem(layout: Layout, seq_len: int) -> str | None:
     """Why a layout cannot run its layers in `sequence_chunks` chunks, or None (the recipe's rule, and the
     chunks split each rank's tokens evenly): they replace whole-layer recomputation (recompute full) and
-    compose with Ulysses, FSDP2, DDP, ZeRO-1/2, tiling and offload, not with a ring, tp, pp or ZeRO-3."""
+    compose with Ulysses, a contiguous ring, FSDP2, DDP, ZeRO-1/2, tiling and offload, not with tp, pp or ZeRO-3."""
     n = layout.sequence_chunks
-    problem = recipe_rule(n, layout.recompute, layout.recompute_modules, ring=layout.sp_ring, tp=layout.tp,
-                          pp=layout.pp, zero_stage=layout.zero_stage)
+    problem = recipe_rule(n, layout.recompute, layout.recompute_modules, ring=layout.sp_ring,
+                          ring_layout=layout.sp_layout, tp=layout.tp, pp=layout.pp, zero_stage=layout.zero_stage)
     if problem or n == 1:
         return problem
     local = seq_len // layout.sp
@@ -164,9 +164,11 @@ def enumerate_layouts(shape: ModelShape, world: int, seq_len: int, *, dtype: str
         for sharding, mem, off in itertools.product(shardings, memory, OFFLOAD_OPTIONS):
             if sharding != "ddp" and dp * ulysses * ring == 1 and not off:
                 continue  # sharding over one rank is DDP
+            # A chunked ring cuts each chunk into contiguous blocks (sharding.py); otherwise zigzag balances it.
+            ring_layout = "contiguous" if mem.get("sequence_chunks", 1) > 1 else "zigzag"
             layout = Layout(dp=dp, sp_ulysses=ulysses, sp_ring=ring, tp=tp, pp=pp, sharding=sharding,
                             grad_accum=max(pp, 1) if pp > 1 else 1, dtype=dtype, attention=kernel,
-                            **mem, **off)
+                            sp_layout=ring_layout, **mem, **off)
             if layout_problem(shape, layout, seq_len) is None:
                 yield layout
 

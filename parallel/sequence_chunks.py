@@ -19,7 +19,14 @@ A `SequenceChunkedLayer` wraps a decoder layer (as torch's `ActivationWrapper`: 
 The result is exact: the same attention, split into blocks whose partial results merge by log-sum-exp.
 Under Ulysses each rank chunks its local shard, and `sharding.py`'s chunked layout makes local chunk i of
 every rank one part of global chunk i, so the all-to-all of local chunk i gathers global chunk i whole.
-Not with a ring (each chunk would need the whole ring of earlier chunks), nor with tensor or pipeline
+
+With a ring of R ranks global chunk i is cut into R contiguous blocks, rank r holding block b = i·R + r (the
+blocks are a contiguous layout of chunks·R blocks). Chunk i's forward all-gathers the ring's blocks of chunk i
+into the tier, so the queries of block b find every earlier block there, the ring's included. In backward each
+rank adds the gradients its queries give every earlier block to that block's accumulator in its own tier; when
+chunk i is done (every later block's queries have run, on every rank) one all-to-all sends each rank's
+accumulators for the ring's blocks of chunk i to their owners, which sum them. The tier then holds the whole
+sequence's keys/values of a layer (this rank's heads) instead of one rank's share. Not with tensor or pipeline
 parallelism (the recipe refuses them).
 """
 
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 
@@ -41,7 +49,8 @@ from .ring_attention import BlockAccumulator, RingPlan, block_gradients
 
 
 class ChunkStore:
-    """One layer call's keys and values per chunk, and in backward their gradient accumulators, in a tier."""
+    """One layer call's keys and values per block (a chunk, or a ring rank's part of one), and in backward their
+    gradient accumulators, in a tier."""
 
     def __init__(self, tier: OffloadTier) -> None:
         self.tier = tier
@@ -86,13 +95,32 @@ _STEP: ContextVar[_ChunkStep | None] = ContextVar("longtune_sequence_chunk", def
 
 
 def _chunk_plan(plan: RingPlan, chunks: int, index: int) -> RingPlan:
-    """`plan` with the chunks in the place of ring ranks: block `index` of `chunks` consecutive blocks."""
-    return dataclasses.replace(plan, layout="contiguous", world=chunks, rank=index, group=None)
+    """`plan` (a ring of `plan.world` ranks, one without a ring) with the blocks in the place of ring ranks:
+    block `index` · ring + ring rank of `chunks` · ring consecutive blocks."""
+    return dataclasses.replace(plan, layout="contiguous", world=chunks * plan.world,
+                               rank=index * plan.world + plan.rank, group=None)
+
+
+def _gather_ring(t: torch.Tensor, ring: RingPlan) -> list[torch.Tensor]:
+    """Every ring rank's `t` (its block of the running chunk), in ring order."""
+    t = t.contiguous()
+    out = [torch.empty_like(t) for _ in range(ring.world)]
+    dist.all_gather(out, t, group=ring.group)
+    return out
+
+
+def _return_ring_grads(partials: list[torch.Tensor], ring: RingPlan) -> torch.Tensor:
+    """Sends `partials[s]` (this rank's dK/dV of ring rank s's block) to rank s; returns the sum of what every
+    rank sent for this rank's block."""
+    sent = torch.stack(partials)
+    received = torch.empty_like(sent)
+    dist.all_to_all_single(received, sent, group=ring.group)
+    return received.sum(0)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, store: ChunkStore
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out fp32, lse) of chunk `plan.rank`'s queries over chunks 0 … rank (the earlier ones from `store`)."""
+    """(out fp32, lse) of block `plan.rank`'s queries over blocks 0 … rank (the earlier ones from `store`)."""
     acc = BlockAccumulator(q, v.shape[-1])
     for j in range(plan.rank):
         if j + 1 < plan.rank:
@@ -106,20 +134,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, s
 
 class _ChunkAttention(torch.autograd.Function):
     """Chunk i's attention in backward's recomputation: its backward sends the gradients of the earlier
-    chunks' keys/values to their accumulators and returns chunk i's own, complete."""
+    blocks' keys/values to their accumulators and returns this rank's block's own, complete."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, store: ChunkStore):
+    def forward(ctx, q, k, v, plan: RingPlan, store: ChunkStore, ring: RingPlan):
         out, lse = _attend(q, k, v, plan, store)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.store = plan, store
+        ctx.plan, ctx.store, ctx.ring = plan, store, ring
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, store = ctx.plan, ctx.store
+        plan, store, ring = ctx.plan, ctx.store, ctx.ring
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)
         for j in range(plan.rank):
@@ -130,10 +158,20 @@ class _ChunkAttention(torch.autograd.Function):
             store.add_grads(j, dk_j, dv_j)
             del k_j, v_j, dk_j, dv_j
         dk, dv = block_gradients(dout, q, k, v, out, lse, plan, plan.rank, plan.rank, dq)
-        later = store.take_grads(plan.rank)
-        if later is not None:
-            dk, dv = dk + later[0], dv + later[1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        if ring.world == 1:
+            later = store.take_grads(plan.rank)
+            if later is not None:
+                dk, dv = dk + later[0], dv + later[1]
+        else:  # every rank's share for the ring's blocks of this chunk goes to the block's owner
+            first, flat = plan.rank - ring.rank, lambda a, b: torch.cat([a.flatten(), b.flatten()])  # noqa: E731
+            partials = []
+            for s in range(ring.world):
+                got = store.take_grads(first + s)
+                part = flat(dk, dv) if s == ring.rank else dk.new_zeros(dk.numel() + dv.numel())
+                partials.append(part if got is None else part + flat(*got))
+            summed = _return_ring_grads(partials, ring)
+            dk, dv = summed[:dk.numel()].view_as(dk), summed[dk.numel():].view_as(dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int, plan: RingPlan) -> torch.Tensor:
@@ -145,8 +183,13 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: i
                            "decoder layers must be wrapped by apply_sequence_chunks)")
     chunk_plan = _chunk_plan(plan, chunks, step.index)
     if step.recompute:
-        return _ChunkAttention.apply(q, k, v, chunk_plan, step.store)
-    step.store.put(step.index, k, v)
+        return _ChunkAttention.apply(q, k, v, chunk_plan, step.store, plan)
+    if plan.world == 1:
+        step.store.put(step.index, k, v)
+    else:  # the ring's blocks of this chunk, this rank's among them: later blocks on every rank read them
+        first = chunk_plan.rank - plan.rank
+        for s, (k_s, v_s) in enumerate(zip(_gather_ring(k, plan), _gather_ring(v, plan), strict=True)):
+            step.store.put(first + s, k_s, v_s)
     out, _ = _attend(q, k, v, chunk_plan, step.store)
     return out.to(q.dtype)
 

@@ -2,10 +2,12 @@
 
 Layouts split the (padded) sequence over the ring ranks — `contiguous`: rank r holds chunk r of N;
 `zigzag`: 2N chunks, rank r holds chunks r and 2N−1−r, which balances causal work — and then split
-each ring rank's portion contiguously over the Ulysses ranks. With sequence-chunked layers (`chunks` > 1,
-no ring) the portion is first cut into `chunks` consecutive chunks and each chunk is split over the
-Ulysses ranks: a rank's i-th local chunk is its part of global chunk i, so Ulysses' all-to-all of local
-chunk i gathers global chunk i whole. Labels are shifted on the full
+each ring rank's portion contiguously over the Ulysses ranks. With sequence-chunked layers (`chunks` > 1)
+the sequence is first cut into `chunks` consecutive global chunks, each global chunk into `ring` contiguous
+blocks (the zigzag layout is not used with chunks), and each block split over the Ulysses ranks: a rank's
+i-th local chunk is its part of global chunk i, so Ulysses' all-to-all of local chunk i gathers its ring
+block of global chunk i whole, and block r of chunk i is block i·ring + r of a contiguous layout of
+chunks·ring blocks. Labels are shifted on the full
 sequence before sharding (the caller's collate does it), position ids are global and per document,
 and lengths that do not divide are padded with ignored labels as one more document.
 """
@@ -74,20 +76,23 @@ def shard_sequence(x: torch.Tensor, layout: str, ring: int, ring_rank: int, ulys
         chunked = f", {chunks} chunks" if chunks > 1 else ""
         raise ValueError(f"sequence length {seq_len} is not divisible by {multiple} ({layout} layout, ring "
                          f"{ring}, ulysses {ulysses}{chunked}); pad it first")
-    if chunks > 1 and ring > 1:
-        raise ValueError("sequence-chunked layers do not combine with a ring")
+    if chunks > 1:
+        if ring > 1 and layout != "contiguous":
+            raise ValueError(f"sequence-chunked layers cut a ring into contiguous blocks, not the {layout} layout")
+        pieces = [chunk.chunk(ring, dim=dim)[ring_rank].chunk(ulysses, dim=dim)[ulysses_rank]
+                  for chunk in x.chunk(chunks, dim=dim)]
+        return torch.cat(pieces, dim=dim)
     parts = [x.narrow(dim, c.start, c.length) for c in layout_chunks(layout, ring, ring_rank, seq_len)]
     portion = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
-    pieces = [chunk.chunk(ulysses, dim=dim)[ulysses_rank] for chunk in portion.chunk(chunks, dim=dim)]
-    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].contiguous()
+    return portion.chunk(ulysses, dim=dim)[ulysses_rank].contiguous()
 
 
 def unshard_sequence(shards: list[list[torch.Tensor]], layout: str, dim: int = 1, chunks: int = 1) -> torch.Tensor:
     """Inverse of `shard_sequence`: `shards[ring_rank][ulysses_rank]` → the full tensor."""
     ring = len(shards)
-    if chunks > 1:  # one ring rank: global chunk i is every Ulysses rank's i-th local chunk, in rank order
-        local = [s.chunk(chunks, dim=dim) for s in shards[0]]
-        return torch.cat([part[i] for i in range(chunks) for part in local], dim=dim)
+    if chunks > 1:  # global chunk i: every ring rank's i-th local chunk in ring order, each split over Ulysses
+        local = [[s.chunk(chunks, dim=dim) for s in row] for row in shards]
+        return torch.cat([part[i] for i in range(chunks) for row in local for part in row], dim=dim)
     portions = [torch.cat(row, dim=dim) for row in shards]
     seq_len = sum(p.shape[dim] for p in portions)
     pieces: list[tuple[int, torch.Tensor]] = []

@@ -246,13 +246,16 @@ def chunked_kv_traffic(shape: ModelShape, layout: Layout, seq_len: int) -> float
     Per layer and micro-batch, with C the layer's K/V over all N chunks and the pairs j < i of chunks
     ((N − 1) / 2 × C of K/V read per pass over them): forward writes C and reads chunk j for every later
     chunk i; backward reads it again for chunk i's recomputed forward and for its attention backward, and
-    reads and writes the fp32 dK/dV accumulator of j for every such pair (r = 4 / b times K/V's bytes)."""
+    reads and writes the fp32 dK/dV accumulator of j for every such pair (r = 4 / b times K/V's bytes). With
+    a ring of R ranks forward writes the ring's R blocks of every chunk and each block reads every earlier one
+    of N · R: (N · R − 1) / 2 × C per pass."""
     n = layout.sequence_chunks
     if n == 1:
         return 0.0
     kv = tokens_per_rank(seq_len, layout) * kv_per_token(shape, layout)
     r = KV_GRAD_BYTES / (2 if layout.dtype == "bfloat16" else 4)
-    per_layer = kv * (1 + (n - 1) / 2 * (3 + 2 * r))
+    ring = layout.sp_ring
+    per_layer = kv * (ring + (n * ring - 1) / 2 * (3 + 2 * r))
     return per_layer * math.ceil(shape.layers / layout.pp) * layout.grad_accum
 
 

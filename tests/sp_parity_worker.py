@@ -25,6 +25,7 @@ from kernel_fakes import clear_kernel_caches, install
 from pytest import MonkeyPatch
 
 from longtune.parallel.dims import ParallelDims, build_mesh
+from longtune.parallel.sequence_chunks import apply_sequence_chunks
 from longtune.parallel.sharding import unshard_sequence
 from longtune.parallel.sp_attention import ATTN_IMPLEMENTATION
 from longtune.parallel.sp_input import shard_micro_batch
@@ -56,6 +57,12 @@ def cases(world: int) -> list[dict]:
     name, uly, ring, impl = layouts[0]
     out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring, "impl": impl,
                 "edge": "single_document_unpadded"})
+    # Sequence-chunked layers (3 chunks: boundaries inside documents) on a contiguous ring, and under Ulysses
+    # with one: each chunk's ring blocks gathered in forward, their dK/dV returned by an all-to-all in backward.
+    chunked = {2: [("ring", 1, 2, "ring")], 4: [("ring", 1, 4, "ring"), ("hybrid-ring", 2, 2, "ring")]}[world]
+    for name, uly, ring, impl in chunked:
+        out.append({"family": "tiny-llama", "kv_heads": 2, "mode": name, "ulysses": uly, "ring": ring,
+                    "impl": impl, "chunks": 3})
     # Every rope-extension method under every layout: the packed rows' longest document (91 tokens) passes the
     # original length (ROPE_ORIGINAL), so length-dependent ropes (dynamic, longrope) switch in the
     # single-process run while some shards alone would not.
@@ -163,10 +170,12 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     groups = {"sp_ring": mesh.get_group("sp_ring"), "sp_ulysses": mesh.get_group("sp_ulysses")}
     if os.environ.get("LONGTUNE_TEST_SHARD_LOCAL_ROPE") != "1":  # set: the unfixed behaviour, to show it fail
         apply_length_aware_rope(sp_model, groups)
+    chunks = case.get("chunks", 1)
+    apply_sequence_chunks(sp_model.model.layers, chunks, None, offload_inputs=False)
     real = batch.position_ids >= 0  # every token of these rows is a token (padding included)
     layout = "contiguous" if case["impl"] == "ring" else "zigzag"
     shard = shard_micro_batch(batch.input_ids, batch.labels, batch.position_ids, real, dims=dims, rank=rank,
-                              layout=layout, pad_id=0, groups=groups, kernel=case.get("kernel"))
+                              layout=layout, pad_id=0, groups=groups, kernel=case.get("kernel"), chunks=chunks)
     with autocast(case):
         logits = sp_model(input_ids=shard.input_ids, position_ids=shard.position_ids, use_cache=False,
                           sp_context=shard.context).logits.float()
@@ -179,7 +188,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     dist.all_gather(gathered, logits.detach().contiguous())
     grid = [[gathered[dims.coordinate(r, "sp_ring") * 0 + r] for r in range(world)
              if dims.coordinate(r, "sp_ring") == ring_rank] for ring_rank in range(dims.sp_ring)]
-    full = unshard_sequence(grid, layout)[:, : batch.input_ids.shape[1]]
+    full = unshard_sequence(grid, layout, chunks=chunks)[:, : batch.input_ids.shape[1]]
     worst_grad, worst_name, finite = 0.0, "", True
     for (name, p_ref), (_, p_sp) in zip(reference.named_parameters(), sp_model.named_parameters(), strict=True):
         grad = p_sp.grad.clone()

@@ -1,7 +1,7 @@
 """Sequence-chunked decoder layers: the same loss and gradients as the unchunked layers (packed documents,
 chunk boundaries inside documents, keys/values and layer inputs in files), every projection run on one
-chunk at a time, the chunked Ulysses layout, the recipe's rules, and 3-step curves under Ulysses + FSDP2
-and the other memory savers."""
+chunk at a time, the chunked Ulysses and ring layouts, the recipe's rules, and 3-step curves under Ulysses +
+FSDP2, a ring and the other memory savers."""
 
 from __future__ import annotations
 
@@ -100,9 +100,23 @@ def test_chunked_ulysses_layout_puts_global_chunk_i_in_every_ranks_local_chunk_i
     assert torch.equal(unshard_sequence([shards], "zigzag", chunks=3), x)
 
 
+def test_chunked_ring_layout_makes_block_r_of_chunk_i_block_i_ring_plus_r():
+    x = torch.arange(48)[None]  # 2 chunks of 24, each 2 ring blocks of 12, each split over 2 Ulysses ranks
+    shards = [[shard_sequence(x, "contiguous", 2, r, 2, u, chunks=2) for u in range(2)] for r in range(2)]
+    assert shards[1][0].tolist() == [[*range(12, 18), *range(36, 42)]]
+    # Local chunk i of ring rank r's Ulysses ranks, gathered: block i·2 + r of a contiguous layout of 4 blocks.
+    for i in range(2):
+        for r in range(2):
+            block = torch.cat([s[:, 6 * i:6 * i + 6] for s in shards[r]], dim=1)
+            assert block.tolist() == [list(range((2 * i + r) * 12, (2 * i + r + 1) * 12))]
+    assert torch.equal(unshard_sequence(shards, "contiguous", chunks=2), x)
+    with pytest.raises(ValueError, match="contiguous blocks"):
+        shard_sequence(x, "zigzag", 2, 0, 1, 0, chunks=2)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({}, "set memory.recompute=full"),
-    ({"memory": {"recompute": "full"}, "parallel": {"sp": {"ring": 2}}}, "parallel.sp.ring > 1"),
+    ({"memory": {"recompute": "full"}, "parallel": {"sp": {"ring": 2}}}, "parallel.sp.ring_impl=ring"),
     ({"memory": {"recompute": "full"}, "parallel": {"tp": 2}}, "parallel.tp > 1"),
     ({"memory": {"recompute": "full"}, "parallel": {"backend": "deepspeed", "deepspeed": {"zero_stage": 3}}},
      "zero_stage 3"),
@@ -126,6 +140,9 @@ CURVES = {
     "ulysses2+fsdp2+tiling": [*CHUNKED, "parallel.sp.ulysses=2", "parallel.fsdp=true", "memory.tiled_mlp=true",
                               "memory.tiled_mlp_chunk=50", "memory.tiled_loss=true", "memory.tiled_loss_chunk=100"],
     "ulysses2+ddp": [*CHUNKED, "parallel.sp.ulysses=2"],
+    # The recipe's contiguous ring (exactness on 2 and 4 ranks: tests/test_sequence_parallel.py's chunked cases).
+    "ring2+tiling": [*CHUNKED, "parallel.sp.ring=2", "parallel.sp.ring_impl=ring", "memory.tiled_mlp=true",
+                     "memory.tiled_mlp_chunk=50", "memory.tiled_loss=true", "memory.tiled_loss_chunk=100"],
     "dp2+zero2": [*CHUNKED, "parallel.dp=2", "parallel.backend=deepspeed", "parallel.deepspeed.zero_stage=2"],
 }
 

@@ -211,11 +211,12 @@ def check_batch(recipe: Recipe) -> None:
 
 def check_sequence_chunks(recipe: Recipe) -> None:
     """memory.sequence_chunks: each layer recomputes chunk by chunk, so it replaces whole-layer recomputation; the
-    chunks are cut from each rank's shard, which works with Ulysses but not with a ring, TP or a pipeline."""
+    chunks are cut from each rank's shard, which works with Ulysses and a contiguous ring but not with TP or a
+    pipeline."""
     par, mem = recipe.parallel, recipe.memory
     zero_stage = par.deepspeed.zero_stage if par.backend == "deepspeed" else 0
     problem = sequence_chunks_problem(mem.sequence_chunks, mem.recompute, mem.recompute_modules, ring=par.sp.ring,
-                                      tp=par.tp, pp=par.pp, zero_stage=zero_stage)
+                                      ring_layout=par.sp.layout, tp=par.tp, pp=par.pp, zero_stage=zero_stage)
     if problem:
         raise ValueError(problem)
 
