@@ -287,6 +287,10 @@ def test_planner_chunks_only_where_needed():
                     Layout(recompute="full", sharding="zero3", dp=2, sequence_chunks=4)):
         assert layout_problem(shape, refused, 65536) is not None
     assert "does not divide" in layout_problem(shape, Layout(recompute="full", sequence_chunks=3), 65536)
+    ring = Layout(recompute="full", sp_ring=2, sp_layout="contiguous", sequence_chunks=4)  # a chunked ring
+    assert layout_problem(shape, ring, 65536) is None
+    ring_recipe = recipe_for_layout(ring, "llama-3-8b", 65536)
+    assert ring_recipe.parallel.sp.ring_impl == "ring" and layout_from_recipe(ring_recipe, 2).sp_layout == "contiguous"
     one = Hardware(gpus=1, gpu_mem_gib=80, host_mem_gib=1024, gpus_per_node=1)
     cal = Calibration.gpu_default()
     short = [r for r in plan(shape, 131072, one, cal) if r.fits]
