@@ -1,7 +1,7 @@
 """Maximum trainable length under one memory budget: stock HF against longtune's memory techniques.
 
     OMP_NUM_THREADS=1 python benchmarks/max_length.py [--hidden 256] [--budget-gib G] [--only N,...]
-        [--lengths L,...] [--steps 3] [--threads 1] [--json OUT]
+        [--lengths L,...] [--stock-lengths L,...] [--steps 3] [--threads 1] [--json OUT]
 
 One Llama-architecture model whose vocabulary-to-hidden ratio is Llama-3-8B's (128,256 / 4,096 ≈ 31), at the
 width `--hidden` (`model_config`: 256 → vocabulary 8,000, 4 query / 1 KV heads; 1,024 → vocabulary 32,000, 16 /
@@ -32,8 +32,9 @@ absent with sdpa/flash without a mask), the fit predicts the maximum length unde
 multiple of `--granularity`, and a run at that length confirms it (its measured peak is printed next to the
 budget). Tokens/s is from the confirming step, and at a common length that every row fits (`--common-length`).
 With `--lengths` a row runs at those lengths instead of the search: the longest that fits is a confirmed lower
-bound of its maximum (for lengths whose runs take hours). `--threads` sets the runs' OMP_NUM_THREADS (default 1);
-it changes their speed, not what they hold (glibc's arenas do not matter under the fixed mmap threshold).
+bound of its maximum (for lengths whose runs take hours); `--stock-lengths` does the same for (a).
+`--threads` sets the runs' OMP_NUM_THREADS (default 1); it changes their speed, not what they hold (glibc's
+arenas do not matter under the fixed mmap threshold).
 """
 
 from __future__ import annotations
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                         "searching (the longest that fits is the row's confirmed maximum, a lower bound)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of a longtune run (2: one process's "
                         "second step already holds AdamW's state; the sp rows need 3, see LONGTUNE_BASE)")
+    parser.add_argument("--stock-lengths", default="", help="comma-separated lengths: run (a) at these instead "
+                        "of its search (with --budget-gib; its maximum is the longest that fits)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs (speed only)")
     parser.add_argument("--stock", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stock-out", help=argparse.SUPPRESS)
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     STEPS[0] = args.steps
     THREADS[0] = str(args.threads)
     fixed = tuple(int(n) for n in args.lengths.split(",") if n)
+    stock_fixed = tuple(int(n) for n in args.stock_lengths.split(",") if n)
     wanted = {int(n) for n in args.only.split(",") if n}
     rows = [r for i, r in enumerate(ROWS) if not wanted or i in wanted]
     results = []
@@ -305,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             name, nproc, _ = row
             start = stock_max or args.stock_length
             probes = (start, 2 * start) if name.startswith("(a)") else (2 * start * nproc, 4 * start * nproc)
-            if fixed and not name.startswith("(a)"):
-                probes = fixed
+            chosen = stock_fixed if name.startswith("(a)") else fixed
+            if chosen:
+                probes = chosen
             found = find_max_length(row, args.hidden, budget, probes, args.tolerance, work,
                                     known=known if name.startswith("(a)") else None,
-                                    runs=len(fixed) if fixed and not name.startswith("(a)") else 7)
+                                    runs=len(chosen) if chosen else 7)
             if name.startswith("(a)"):
                 stock_max = found["max_length"]
             found.update(name=name, processes=nproc, overrides=list(row[2]))
