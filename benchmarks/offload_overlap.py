@@ -2,7 +2,7 @@
 beside stock HF.
 
     OMP_NUM_THREADS=1 python benchmarks/offload_overlap.py [--seq-len 8192] [--steps 3] [--repeats 1] [--hidden 256]
-        [--row disk|chunked] [--stock]
+        [--row disk|chunked] [--chunks N] [--stock]
 
 Runs `longtune train` on max_length.py's model (`model_config(hidden)`) with one of its all-on rows — `disk`: "(b)
 + gradient offload to disk = all on, disk tier" (checkpoints, optimizer state and gradients in files under the
@@ -36,12 +36,18 @@ MODES = {"synchronous": "0", "overlapped": "1"}
 ROWS = {"disk": (*ALL_ON, *DISK), "chunked": CHUNKED}
 
 
-def run(mode: str, seq_len: int, steps: int, hidden: int, out: Path, row: str = "disk") -> list[dict]:
-    """One `longtune train` run; its metrics.jsonl rows."""
+def run(mode: str, seq_len: int, steps: int, hidden: int, out: Path, row: str = "disk", chunks: int = 0
+        ) -> list[dict]:
+    """One `longtune train` run; its metrics.jsonl rows. `chunks`: the chunked row's chunk count (0: follow the
+    length, as max_length.py's row (d))."""
     from longtune.train.metrics import read_metrics
 
     config = json.dumps(model_config(hidden)).replace('"', "")
-    cmd = [sys.executable, "-m", "longtune.train", "tiny-smoke", *LONGTUNE_BASE, *resolved(ROWS[row], seq_len),
+    overrides = resolved(ROWS[row], seq_len)
+    if chunks:
+        overrides = [o for o in overrides if not o.startswith("memory.sequence_chunks=")]
+        overrides.append(f"memory.sequence_chunks={chunks}")
+    cmd = [sys.executable, "-m", "longtune.train", "tiny-smoke", *LONGTUNE_BASE, *overrides,
            f"model.config_overrides={config}", f"train.seq_len={seq_len}", f"train.max_steps={steps}",
            f"train.output_dir={out}"]
     proc = subprocess.run(cmd, env=dict(env("fixed"), LONGTUNE_OFFLOAD_OVERLAP=MODES[mode],
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating")
     parser.add_argument("--hidden", type=int, default=256, help="model width (max_length.py's model_config)")
     parser.add_argument("--row", choices=sorted(ROWS), default="disk", help="the all-on row (default %(default)s)")
+    parser.add_argument("--chunks", type=int, default=0, help="the chunked row's sequence_chunks (default: the "
+                        "length / 2,048 of max_length.py's row (d), 1 below 4,096 tokens)")
     parser.add_argument("--stock", action="store_true", help="stock HF at the same length in the alternation")
     args = parser.parse_args(argv)
     runs: dict[str, list[list[dict]]] = {mode: [] for mode in MODES}
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 stock_speeds.append(stock(args.seq_len, args.hidden, Path(tmp) / f"stock-{repeat}.json"))
                 print(f"  stock HF run {repeat + 1}: {stock_speeds[-1]:.0f} tokens/s", flush=True)
             for mode in MODES:
-                rows = run(mode, args.seq_len, args.steps, args.hidden, Path(tmp) / f"{mode}-{repeat}", args.row)
+                rows = run(mode, args.seq_len, args.steps, args.hidden, Path(tmp) / f"{mode}-{repeat}", args.row,
+                           args.chunks)
                 runs[mode].append(rows)
                 print(f"  {mode} run {repeat + 1} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
                     f"step {r['step']} {r['step_time_s']:.2f} s (offload wait {r['offload_wait_s']:.2f} s)"
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         for rows in mode_runs:
             if [(r["loss"], r["grad_norm"]) for r in rows] != reference:
                 raise SystemExit(f"{mode} trained differently: {rows} against {reference}")
-    print(f"\n{args.seq_len} tokens per step, hidden {args.hidden}, row {args.row}, {args.steps} steps, "
+    chunked = f" ({args.chunks} sequence chunks)" if args.chunks else ""
+    print(f"\n{args.seq_len} tokens per step, hidden {args.hidden}, row {args.row}{chunked}, {args.steps} steps, "
           f"{args.repeats} run(s) per mode; losses and gradient norms identical in every run\n")
     print(markdown_table(runs, statistics.median(stock_speeds) if stock_speeds else None))
     return 0
