@@ -201,7 +201,8 @@ class MemorySection(Section):
     tiled_mlp_chunk: int = Field(4096, gt=0, description="tiled_mlp: sequence positions per chunk (of "
                                  "every row of a micro-batch).")
     sequence_chunks: int = Field(1, ge=1, description="Each decoder layer runs on this many consecutive chunks "
-                                 "of the sequence (of this rank's shard under Ulysses), forward and "
+                                 "of the sequence (of this rank's shard under Ulysses; with a ring, each chunk "
+                                 "is cut into contiguous ring blocks: ring_impl: ring), forward and "
                                  "recomputed backward: the layer's working set is one chunk's; earlier chunks' "
                                  "keys and values wait in memory.offload.tier (exact attention, merged by "
                                  "log-sum-exp). 1: off.")
