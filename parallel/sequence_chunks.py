@@ -109,6 +109,11 @@ def _gather_ring(t: torch.Tensor, ring: RingPlan) -> list[torch.Tensor]:
     return out
 
 
+def _joined(dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """dK and dV as one flat tensor (one message; K's and V's head dims may differ)."""
+    return torch.cat([dk.flatten(), dv.flatten()])
+
+
 def _return_ring_grads(partials: list[torch.Tensor], ring: RingPlan) -> torch.Tensor:
     """Sends `partials[s]` (this rank's dK/dV of ring rank s's block) to rank s; returns the sum of what every
     rank sent for this rank's block."""
@@ -163,12 +168,11 @@ class _ChunkAttention(torch.autograd.Function):
             if later is not None:
                 dk, dv = dk + later[0], dv + later[1]
         else:  # every rank's share for the ring's blocks of this chunk goes to the block's owner
-            first, flat = plan.rank - ring.rank, lambda a, b: torch.cat([a.flatten(), b.flatten()])  # noqa: E731
-            partials = []
+            first, partials = plan.rank - ring.rank, []
             for s in range(ring.world):
                 got = store.take_grads(first + s)
-                part = flat(dk, dv) if s == ring.rank else dk.new_zeros(dk.numel() + dv.numel())
-                partials.append(part if got is None else part + flat(*got))
+                part = _joined(dk, dv) if s == ring.rank else dk.new_zeros(dk.numel() + dv.numel())
+                partials.append(part if got is None else part + _joined(*got))
             summed = _return_ring_grads(partials, ring)
             dk, dv = summed[:dk.numel()].view_as(dk), summed[dk.numel():].view_as(dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
